@@ -97,8 +97,11 @@ class ModelConfig:
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
     drop_tokens: bool = True
+    # DeepSpeed's top-2 gate may pick the second expert by Gumbel sampling, even in eval
+    # mode; off by default so that evaluation and checkpoint round trips are deterministic.
+    moe_second_expert_sampling: bool = False
     ep_size: int = 1
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.001  # the released training script's --moe-aux-loss-coeff
     z_loss_coef: float = 0.001
 
     gengram: GengramConfig | None = field(default_factory=GengramConfig)
@@ -138,8 +141,6 @@ class ModelConfig:
         if self.is_moe:
             if not 1 <= self.moe_top_k <= self.num_experts:
                 raise ValueError(f"model.moe_top_k={self.moe_top_k} must lie in 1..num_experts={self.num_experts}")
-            if self.moe_top_k > 2:
-                raise ValueError("model.moe_top_k > 2 is not supported by DeepSpeed's MoE gate")
             if self.num_experts % self.ep_size:
                 raise ValueError(
                     f"model.num_experts={self.num_experts} is not divisible by model.ep_size={self.ep_size}"

@@ -1,0 +1,95 @@
+"""Tokenisation throughput: single-core gunzip against the tokenize job with one and two workers.
+
+    python benchmarks/tokenize.py [--mbases 200] [--seq-len 8192]
+
+Generates (once; cached in state/bench/tokenize/) two gzipped FASTA files of generated
+primate-like sequence (jobs/genomes.py, --mbases Mbp each, gzip level 6), then prints in one run:
+  gunzip     single-core decompression of one file: the practical ceiling
+  1 worker   the job end to end on one file, gz in -> committed Parquet out
+  2 workers  the job on both files at once
+all in MB of sequence per second. Targets: 1 worker >= 50% of gunzip; 2 workers >= 1.6x 1 worker.
+The Ray session is started and its workers warmed up before timing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's name shadows the standard library's `tokenize` (which numpy and traceback import),
+# so the repository root, not this folder, goes first on the import path, before anything else.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from jobs import genomes  # noqa: E402
+from jobs.fasta import Source  # noqa: E402
+from jobs.tokenization import TokenizeConfig, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "state" / "bench" / "tokenize"
+CONTIG_MBP = 25  # chromosome-sized contigs
+
+
+def genome(index: int, mbases: int) -> tuple[Path, int]:
+    """A cached generated genome of `mbases` Mbp and its number of bases."""
+    contigs = [CONTIG_MBP * 1_000_000] * (mbases // CONTIG_MBP) + [mbases % CONTIG_MBP * 1_000_000]
+    recipe = genomes.Recipe(f"bench-{index}-{mbases}mbp", contigs=tuple(c for c in contigs if c), seed=100 + index)
+    path = WORK / f"{recipe.name}.fa.gz"
+    if not path.exists():
+        print(f"generating {path.name} ...", flush=True)
+        WORK.mkdir(parents=True, exist_ok=True)
+        genomes.write(recipe, WORK)
+    return path, sum(recipe.contigs)
+
+
+def gunzip_seconds(path: Path) -> float:
+    start = time.perf_counter()
+    for _ in Source(str(path)).chunks():
+        pass
+    return time.perf_counter() - start
+
+
+def job_seconds(paths: list[Path], name: str, seq_len: int) -> float:
+    output = WORK / name
+    shutil.rmtree(output, ignore_errors=True)
+    config = TokenizeConfig(
+        inputs=[{"url": str(path), "assembly": path.stem, "organism": "generated (synthetic)", "group": "bench"}
+                for path in paths],
+        output=str(output), seq_len=seq_len, group_shares={"bench": 1.0},
+    )
+    start = time.perf_counter()
+    run(config)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mbases", type=int, default=200, help="Mbp of sequence per file (default 200)")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    args = parser.parse_args()
+
+    import ray
+
+    (first, bases), (second, _) = genome(1, args.mbases), genome(2, args.mbases)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    job_seconds([ROOT / "jobs/manifests/data/rCRS.fasta", ROOT / "jobs/manifests/data/generated-primate-a.fa.gz"],
+                "warmup", 1024)  # starts and warms both workers
+
+    mb = bases / 1e6
+    gunzip = mb / gunzip_seconds(first)
+    one = mb / job_seconds([first], "one-worker", args.seq_len)
+    two = 2 * mb / job_seconds([first, second], "two-workers", args.seq_len)
+    ray.shutdown()
+
+    print(f"\n{'':<10} {'MB/s of sequence':>17}  ({mb:.0f} MB of sequence per file, {first.stat().st_size / 1e6:.0f} MB gz)")
+    print(f"{'gunzip':<10} {gunzip:>17.1f}  single core, the practical ceiling")
+    print(f"{'1 worker':<10} {one:>17.1f}  {one / gunzip:.0%} of gunzip (target >= 50%)")
+    print(f"{'2 workers':<10} {two:>17.1f}  {two / one:.2f}x 1 worker (target >= 1.6x)")
+
+
+if __name__ == "__main__":
+    main()

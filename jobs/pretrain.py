@@ -1,0 +1,214 @@
+"""Pretrain GengramLM with Ray Train + DeepSpeed, tracked in MLflow.
+
+    python -m jobs.pretrain --config jobs/configs/pretrain-quickstart.yaml [key=value ...]
+
+The same command runs a CPU smoke run here (gloo, DeepSpeed's CPU accelerator) and a
+multi-node GPU run (NCCL), changing only config (`resources.use_gpu`, sizes).
+Re-running with the same `run_name` resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jobs.config import ConfigError, config_hash, config_to_dict, parse_job_args
+from jobs.pretrain_config import PretrainConfig, deepspeed_config, validate
+from jobs.train_loop import FINAL_MODEL_DIR, train_worker
+from model import ModelConfig
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint_path: str
+    model_path: str  # the final model on the run's storage (local path or bucket key)
+    model_dir: Path  # a local copy of it
+    metrics: dict
+
+
+def check_dataset(config: PretrainConfig, model_config: ModelConfig):
+    """Read the manifest before any worker starts and refuse a dataset the model cannot read."""
+    from jobs.dataset import check_compatible, load_manifest
+
+    manifest = load_manifest(config.data.dataset, config.data.storage_options)
+    check_compatible(manifest, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
+                     source=f"data.dataset={config.data.dataset}")
+    return manifest
+
+
+def train_storage(config: PretrainConfig):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    from jobs.storage import pyarrow_filesystem
+
+    return pyarrow_filesystem(config.checkpoint.storage, config.checkpoint.storage_options)
+
+
+def run(config: PretrainConfig) -> PretrainResult:
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs import tracking
+    from jobs.cluster import ensure_ray
+    from jobs.dataset import read_eval_rows, split_paths
+    from model.transformer import parameter_counts
+
+    model_config = validate(config)
+    manifest = check_dataset(config, model_config)
+    tracking_uri = tracking.absolute_tracking_uri(config.tracking.uri)
+    tracking.preflight(tracking_uri, config.tracking.preflight_timeout_s)
+
+    resolved = config_to_dict(config)
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(client, config.tracking.experiment, config.tracking.artifact_root)
+    counts = parameter_counts(model_config)
+    params = tracking.params_from_config({**resolved, "model_resolved": model_config.to_dict(),
+                                          "params": counts})
+    tags = {"dataset.manifest_hash": manifest.config_hash, "dataset.url": config.data.dataset,
+            "config_hash": config_hash(resolved), **tracking.ray_job_tags()}
+    commit = tracking.git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    run_id, resumed = tracking.start_or_resume_run(client, experiment_id, config.run_name, params, tags)
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
+
+    try:
+        resources = config.resources
+        # One logical CPU beyond the workers' for Ray Data's streaming reads of the shards.
+        ensure_ray(local_num_cpus=int(resources.num_workers * resources.cpus_per_worker) + 1)
+        import ray.data
+
+        # The train stream is endless (epochs until max_steps): a progress bar for it would
+        # only flood the logs; training progress is logged per step by rank 0 and to MLflow.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        train_paths, data_fs = split_paths(manifest, "train", config.data.dataset, config.data.storage_options)
+        train = ray.data.read_parquet(train_paths, columns=["tokens"], filesystem=data_fs)
+        eval_rows = read_eval_rows(manifest, config.data.dataset, config.data.storage_options,
+                                   limit=config.train.eval_batches * config.train.micro_batch_size
+                                   * config.resources.num_workers)
+        storage_path, storage_fs = train_storage(config)
+        use_gpu = config.resources.use_gpu
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": resolved,
+                "model_config": model_config.to_dict(),
+                "eval_rows": eval_rows,
+                "mlflow_run_id": run_id,
+                "tracking_uri": tracking_uri,
+                "system_metrics": config.tracking.system_metrics,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.resources.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": config.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=config.run_name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+                failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+            ),
+            datasets={"train": train},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        model_path, model_dir = finalize(client, run_id, config, model_config, result)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return PretrainResult(run_id, tracking_uri, result.checkpoint.path, model_path, model_dir,
+                          dict(result.metrics or {}))
+
+
+def copy_directory(source: str, source_fs, destination: str, destination_fs) -> None:
+    import pyarrow.fs
+
+    destination_fs.create_dir(destination, recursive=True)
+    pyarrow.fs.copy_files(source, destination, source_filesystem=source_fs, destination_filesystem=destination_fs)
+
+
+def finalize(client, run_id: str, config: PretrainConfig, model_config: ModelConfig, result) -> tuple[str, Path]:
+    """Copy the final model out of the last checkpoint (only that folder, not the optimizer
+    shards) and log config, plots and the model to MLflow."""
+    import pyarrow.fs
+
+    from jobs import tracking
+    from jobs.mlflow_model import log_gengram_model
+
+    checkpoint, fs = result.checkpoint, result.checkpoint.filesystem
+    # Next to the run's checkpoints, on the same storage, where `model.init_from` finds it.
+    final_path = f"{checkpoint.path.rsplit('/', 1)[0]}/{FINAL_MODEL_DIR}"
+    copy_directory(f"{checkpoint.path}/{FINAL_MODEL_DIR}", fs, final_path, fs)
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        model_dir = Path(final_path)
+    else:  # MLflow logs from local files
+        model_dir = Path(tempfile.mkdtemp(prefix="gengram-final-")) / FINAL_MODEL_DIR
+        copy_directory(final_path, fs, str(model_dir), pyarrow.fs.LocalFileSystem())
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        (scratch / "config.yaml").write_text(yaml.safe_dump(tracking.redact(config_to_dict(config)), sort_keys=False))
+        (scratch / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(config), indent=2))
+        client.log_artifact(run_id, str(scratch / "config.yaml"))
+        client.log_artifact(run_id, str(scratch / "deepspeed_config.json"))
+        plots = [
+            tracking.plot_curves(client, run_id, ["loss", "lm_loss", "val_loss"], "loss", scratch / "loss_curves.png"),
+            tracking.plot_curves(client, run_id, ["aux_loss", "z_loss"], "MoE auxiliary losses",
+                                 scratch / "moe_losses.png"),
+            tracking.plot_expert_load(client, run_id, [i for i in range(1, model_config.num_layers + 1)
+                                                       if model_config.is_moe_layer(i)],
+                                      model_config.num_experts, scratch / "expert_load.png"),
+        ]
+        for plot in plots:
+            if plot is not None:
+                client.log_artifact(run_id, str(plot), artifact_path="plots")
+    client.log_artifacts(run_id, str(model_dir), artifact_path=FINAL_MODEL_DIR)
+    log_gengram_model(client.tracking_uri, run_id, model_dir, config.tracking.registered_model)
+    client.set_tag(run_id, "checkpoint.path", checkpoint.path)
+    client.set_tag(run_id, "final_model.path", final_path)
+    return final_path, model_dir
+
+
+def summary(result: PretrainResult) -> str:
+    metrics = result.metrics
+    lines = [
+        "",
+        "Pretraining finished.",
+        f"  MLflow run:     {result.run_id}",
+        f"  tracking URI:   {result.tracking_uri}",
+        f"  MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1",
+        f"  checkpoint:     {result.checkpoint_path}",
+        f"  final model:    {result.model_path}",
+    ]
+    for key in ("step", "loss", "val_loss"):
+        if key in metrics:
+            value = metrics[key]
+            lines.append(f"  {key + ':':<15} {value:.4f}" if isinstance(value, float) else f"  {key + ':':<15} {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> PretrainResult:
+    config = parse_job_args(PretrainConfig, __doc__.splitlines()[1], argv)
+    try:
+        result = run(config)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    print(summary(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

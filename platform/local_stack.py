@@ -1,0 +1,792 @@
+#!/usr/bin/env python3
+"""Local stack for development: a Ray head, an MLflow tracking server and (optionally) a moto S3
+endpoint, all on 127.0.0.1, all state under state/local-stack/.
+
+    platform/local-stack up [--s3] [--fake-cluster] [--no-mlflow] [...]
+    platform/local-stack status [--json]
+    platform/local-stack env            # export lines for clients (eval "$(platform/local-stack env)")
+    platform/local-stack down
+
+This is a script, run as a program; nothing imports it (platform/ holds no Python package).
+
+How it works
+- Each service is started in its own session (process group) with the venv's executable
+  (.venv/bin/ray, .venv/bin/mlflow, .venv/bin/moto_server). Its pid file records the pid and the
+  kernel start time, so a recycled pid is never mistaken for a service of ours.
+- Every process of the stack carries GENGRAM_LOCAL_STACK=<state dir> in its environment (children
+  inherit it: Ray workers, job drivers, fake-cluster worker raylets). `down` stops each process
+  group, then sweeps any process still carrying that marker, then verifies none is left.
+  It never calls `ray stop`, which would stop every Ray process on the machine, other people's too.
+- `up` is idempotent: a service whose pid file names a live process that answers its health check
+  is left alone; a stale pid file is removed and the service started afresh.
+- Ray token authentication stays on: the head runs with RAY_AUTH_MODE=token and a token file in the
+  state directory (mode 0600), handed to clients with RAY_AUTH_TOKEN_PATH. The token itself is
+  never printed or logged by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(os.environ.get("GENGRAM_VENV_BIN", ROOT / ".venv" / "bin"))
+MARKER = "GENGRAM_LOCAL_STACK"
+DEFAULT_FAKE_CLUSTER = ROOT / "cluster" / "local-fake-multinode.yaml"
+SERVICES = ("s3", "mlflow", "ray")  # start order; stopped in reverse
+DEFAULTS = {
+    "host": "127.0.0.1",
+    "ray_port": 6379,
+    "dashboard_port": 8265,
+    "ray_client_port": 10001,
+    "mlflow_port": 5000,
+    "s3_port": 9000,
+    "s3": False,
+    "s3_bucket": "gengram-dev",
+    "mlflow": True,
+    "artifacts_destination": None,  # None: <state>/mlflow/artifacts, or s3://<bucket>/mlflow with --s3
+    "num_cpus": 4,
+    "fake_cluster": None,  # path of a fake_multinode autoscaling config, or None
+}
+ENV_NAMES = {
+    "host": "GENGRAM_BIND_HOST",
+    "ray_port": "GENGRAM_RAY_PORT",
+    "dashboard_port": "GENGRAM_DASHBOARD_PORT",
+    "ray_client_port": "GENGRAM_RAY_CLIENT_PORT",
+    "mlflow_port": "GENGRAM_MLFLOW_PORT",
+    "s3_port": "GENGRAM_S3_PORT",
+    "s3": "GENGRAM_S3",
+    "s3_bucket": "GENGRAM_S3_BUCKET",
+    "mlflow": "GENGRAM_MLFLOW",
+    "artifacts_destination": "GENGRAM_MLFLOW_ARTIFACTS",
+    "num_cpus": "GENGRAM_RAY_NUM_CPUS",
+    "fake_cluster": "GENGRAM_FAKE_CLUSTER",
+}
+INT_KEYS = {"ray_port", "dashboard_port", "ray_client_port", "mlflow_port", "s3_port", "num_cpus"}
+BOOL_KEYS = {"s3", "mlflow"}
+# moto accepts any credentials; these fixed dummy values are not secrets.
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Unix socket paths are limited to 107 bytes; Ray puts <temp>/session_<date>_<pid>/sockets/plasma_store
+# there, which needs about 65 bytes beyond the temp dir.
+MAX_RAY_TEMP_DIR_LEN = 40
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def log(message: str = "") -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise StackError(f"not a boolean: {text!r}")
+
+
+def explicit_settings(args: argparse.Namespace) -> dict:
+    """Settings the user asked for on this call: flags first, then GENGRAM_* variables."""
+    chosen = {}
+    for key, env_name in ENV_NAMES.items():
+        value = getattr(args, key, None)
+        if value is None and os.environ.get(env_name) not in (None, ""):
+            text = os.environ[env_name]
+            if key in INT_KEYS:
+                try:
+                    value = int(text)
+                except ValueError:
+                    raise StackError(f"{env_name}={text!r} is not a number") from None
+            elif key in BOOL_KEYS:
+                value = parse_bool(text)
+            else:
+                value = text
+        if value is not None:
+            chosen[key] = value
+    if chosen.get("fake_cluster") in {"1", "true", "yes", "on"}:
+        chosen["fake_cluster"] = str(DEFAULT_FAKE_CLUSTER)
+    if chosen.get("fake_cluster"):
+        chosen["fake_cluster"] = str(Path(chosen["fake_cluster"]).resolve())
+    return chosen
+
+
+class Paths:
+    def __init__(self, state_dir: Path):
+        self.state = state_dir
+        self.logs = state_dir / "logs"
+        self.pids = state_dir / "pids"
+        self.config = state_dir / "stack.json"
+        self.env_file = state_dir / "env.sh"
+        self.token = state_dir / "ray-auth-token"
+        self.mlflow = state_dir / "mlflow"
+        self.fake_cluster_config = state_dir / "fake-cluster.yaml"
+        default_temp = state_dir / "ray"
+        if len(str(default_temp)) <= MAX_RAY_TEMP_DIR_LEN:
+            self.ray_temp = default_temp
+        else:  # a deep checkout: keep Ray's socket paths short, one directory per state dir
+            digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:12]
+            self.ray_temp = Path("/tmp") / f"gengram-ray-{digest}"
+
+    def pid_file(self, service: str) -> Path:
+        return self.pids / f"{service}.json"
+
+    def log_file(self, service: str) -> Path:
+        return self.logs / f"{service}.log"
+
+
+def load_config(paths: Paths) -> dict | None:
+    if paths.config.exists():
+        return json.loads(paths.config.read_text())
+    return None
+
+
+def urls(config: dict) -> dict:
+    host = url_host(config["host"])
+    result = {"ray_dashboard": f"http://{host}:{config['dashboard_port']}"}
+    if config["mlflow"]:
+        result["mlflow"] = f"http://{host}:{config['mlflow_port']}"
+    if config["s3"]:
+        result["s3"] = f"http://{host}:{config['s3_port']}"
+    return result
+
+
+def url_host(host: str) -> str:
+    """The host to put in a URL: a wildcard bind is reached on loopback."""
+    if host in {"0.0.0.0", "::", ""}:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def artifacts_destination(config: dict, paths: Paths) -> str:
+    if config.get("artifacts_destination"):
+        return config["artifacts_destination"]
+    if config["s3"]:
+        return f"s3://{config['s3_bucket']}/mlflow"
+    return str(paths.mlflow / "artifacts")
+
+
+def client_env(config: dict, paths: Paths) -> dict:
+    """What a client (ray job submit, mlflow, a notebook) needs to talk to this stack."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(paths.token)}
+    links = urls(config)
+    if "mlflow" in links:
+        env["MLFLOW_TRACKING_URI"] = links["mlflow"]
+    if "s3" in links:
+        env.update(MOTO_ENV)
+        env["AWS_ENDPOINT_URL"] = links["s3"]
+        env["AWS_ENDPOINT_URL_S3"] = links["s3"]
+    return env
+
+
+def commands(config: dict) -> dict:
+    ray = shlex.quote(str(VENV_BIN / "ray"))
+    address = urls(config)["ray_dashboard"]
+    submit = f"{ray} job submit --address {address} --working-dir ."
+    result = {
+        "tokenize": f"{submit} -- python -m jobs.tokenize --config jobs/configs/tokenize-quickstart.yaml",
+        "pretrain": f"{submit} -- python -m jobs.pretrain --config jobs/configs/pretrain-quickstart.yaml",
+        "ray_status": f"{ray} status --address 127.0.0.1:{config['ray_port']}",
+        "job_list": f"{ray} job list --address {address}",
+    }
+    if config["mlflow"]:
+        port = config["mlflow_port"]
+        result["mlflow_ui"] = (
+            f"open {urls(config)['mlflow']}  (remote: ssh -N -L {port}:127.0.0.1:{port} <host>)"
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """Kernel start time of a process (field 22 of /proc/<pid>/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie is gone for our purposes
+        return None
+    return int(fields[19])
+
+
+def proc_environ_has_marker(pid: int, marker_value: str) -> bool:
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{MARKER}={marker_value}".encode() in data.split(b"\0")
+
+
+def proc_pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def stack_processes(paths: Paths, pgids: set[int]) -> list[int]:
+    """Every live process of this stack: in one of its process groups, or carrying its marker."""
+    me = {os.getpid(), os.getppid()}
+    found = []
+    for pid in all_pids():
+        if pid in me or proc_start_ticks(pid) is None:
+            continue
+        if proc_pgid(pid) in pgids or proc_environ_has_marker(pid, str(paths.state)):
+            found.append(pid)
+    return found
+
+
+def describe(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmdline = "?"
+    return f"{pid} {cmdline[:160]}"
+
+
+def read_pid_record(paths: Paths, service: str) -> dict | None:
+    path = paths.pid_file(service)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def record_alive(record: dict | None) -> bool:
+    return bool(record) and proc_start_ticks(record["pid"]) == record["start_ticks"]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((url_host(host).strip("[]"), port)) == 0
+
+
+# talk to our own services directly, whatever HTTP(S)_PROXY the environment sets
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_status(url: str, headers: dict | None = None, timeout: float = 3.0) -> int | None:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with LOCAL.open(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def http_json(url: str, headers: dict | None = None, timeout: float = 5.0) -> dict | None:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with LOCAL.open(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def http_put(url: str, timeout: float = 10.0) -> int | None:
+    request = urllib.request.Request(url, method="PUT", data=b"")
+    try:
+        with LOCAL.open(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# services
+
+
+def ray_auth_header(paths: Paths) -> dict:
+    return {"Authorization": f"Bearer {paths.token.read_text().strip()}"}
+
+
+def healthy(service: str, config: dict, paths: Paths) -> bool:
+    links = urls(config)
+    if service == "s3":
+        return http_status(links["s3"] + "/") == 200
+    if service == "mlflow":
+        return http_status(links["mlflow"] + "/health") == 200
+    if service == "ray":
+        if not paths.token.exists():
+            return False
+        # the job server answers once the dashboard's job module is up; jobs also need the head
+        # node registered, which can come a few seconds later
+        headers = ray_auth_header(paths)
+        if http_status(links["ray_dashboard"] + "/api/jobs/", headers) != 200:
+            return False
+        nodes = http_json(links["ray_dashboard"] + "/api/v0/nodes?limit=1000", headers)
+        try:
+            listed = nodes["data"]["result"]["result"]
+        except (KeyError, TypeError):
+            return False
+        return any(node.get("is_head_node") and node.get("state") == "ALIVE" for node in listed)
+    raise ValueError(service)
+
+
+def enabled_services(config: dict) -> list[str]:
+    return [s for s in SERVICES if s == "ray" or config.get(s)]
+
+
+def service_ports(service: str, config: dict) -> list[int]:
+    return {
+        "s3": [config["s3_port"]],
+        "mlflow": [config["mlflow_port"]],
+        "ray": [config["ray_port"], config["dashboard_port"], config["ray_client_port"]],
+    }[service]
+
+
+def ensure_token(paths: Paths) -> None:
+    if paths.token.exists() and paths.token.read_text().strip():
+        paths.token.chmod(0o600)
+        return
+    fd = os.open(paths.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+
+
+def write_fake_cluster_config(config: dict, paths: Paths) -> tuple[Path, int]:
+    """Copy the fake-multinode autoscaling config with the provider pointed at this head's port.
+    Returns the copy and the head's CPU count from its node type."""
+    import yaml  # the venv's PyYAML; only needed for --fake-cluster
+
+    data = yaml.safe_load(Path(config["fake_cluster"]).read_text())
+    if data.get("provider", {}).get("type") != "fake_multinode":
+        raise StackError(f"{config['fake_cluster']} is not a fake_multinode autoscaling config")
+    data["provider"]["gcs_address"] = f"127.0.0.1:{config['ray_port']}"
+    head = data["available_node_types"][data["head_node_type"]]
+    paths.fake_cluster_config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return paths.fake_cluster_config, int(head.get("resources", {}).get("CPU", 0))
+
+
+def service_command(service: str, config: dict, paths: Paths) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    env[MARKER] = str(paths.state)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints = the venv's
+    env.pop("RAY_ADDRESS", None)
+    host = config["host"]
+    if service == "s3":
+        return [str(VENV_BIN / "moto_server"), "-H", host, "-p", str(config["s3_port"])], env
+    if service == "mlflow":
+        # MLflow 3's job runner (GenAI scorers, trace roll-ups: unused here) adds seven processes.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        destination = artifacts_destination(config, paths)
+        if destination.startswith("s3://") and config["s3"]:
+            env.update(MOTO_ENV)
+            env["MLFLOW_S3_ENDPOINT_URL"] = urls(config)["s3"]
+        elif not destination.startswith(("s3://", "gs://", "wasbs://", "hdfs://")):
+            Path(destination).mkdir(parents=True, exist_ok=True)
+        command = [
+            str(VENV_BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{paths.mlflow / 'mlflow.db'}",
+            "--artifacts-destination", destination,
+            "--host", host, "--port", str(config["mlflow_port"]), "--workers", "1",
+        ]  # fmt: skip
+        return command, env
+    if service == "ray":
+        paths.ray_temp.mkdir(parents=True, exist_ok=True)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(paths.token)
+        env.pop("RAY_AUTH_TOKEN", None)
+        # Prometheus endpoints of the dashboard and autoscaler: Ray's fixed defaults (44227, 44217)
+        # would collide with any other local Ray cluster; Ray binds them to the node IP's interfaces.
+        env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
+        env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
+        env.update({k: v for k, v in client_env(config, paths).items() if not k.startswith("RAY_")})
+        num_cpus = config["num_cpus"]
+        command = [
+            str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+            "--port", str(config["ray_port"]),
+            "--dashboard-host", host, "--dashboard-port", str(config["dashboard_port"]),
+            "--ray-client-server-port", str(config["ray_client_port"]),
+            "--dashboard-agent-listen-port", "0",  # not the fixed 52365 other local clusters use
+            "--temp-dir", str(paths.ray_temp),
+        ]  # fmt: skip
+        if config.get("fake_cluster"):
+            fake_config, num_cpus = write_fake_cluster_config(config, paths)
+            command.append(f"--autoscaling-config={fake_config}")
+            env["RAY_FAKE_CLUSTER"] = "1"
+            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")
+        command += ["--num-cpus", str(num_cpus)]
+        return command, env
+    raise ValueError(service)
+
+
+def start_service(service: str, config: dict, paths: Paths) -> dict:
+    host = config["host"]
+    for port in service_ports(service, config):
+        if port_in_use(host, port):
+            raise StackError(
+                f"{service}: port {port} on {host} is already taken by another process; "
+                f"choose another with the flags or {', '.join(sorted(ENV_NAMES.values()))}"
+            )
+    command, env = service_command(service, config, paths)
+    log_path = paths.log_file(service)
+    with open(log_path, "ab") as log_handle:
+        log_handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service}\n".encode())
+        log_handle.flush()
+        process = subprocess.Popen(
+            command, cwd=paths.state, env=env, stdin=subprocess.DEVNULL,
+            stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    ticks = None
+    for _ in range(50):
+        ticks = proc_start_ticks(process.pid)
+        if ticks is not None:
+            break
+        time.sleep(0.02)
+    record = {"pid": process.pid, "pgid": process.pid, "start_ticks": ticks, "command": command}
+    paths.pid_file(service).write_text(json.dumps(record))
+    return record
+
+
+def wait_healthy(service: str, config: dict, paths: Paths, record: dict, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy(service, config, paths):
+            return
+        if not record_alive(record):
+            raise StackError(
+                f"{service} exited during start-up; last log lines:\n{tail(paths.log_file(service))}"
+            )
+        time.sleep(0.5)
+    raise StackError(
+        f"{service} did not become healthy within {timeout:.0f} s; log: {paths.log_file(service)}"
+    )
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def group_alive(pgid: int) -> bool:
+    return any(proc_pgid(pid) == pgid and proc_start_ticks(pid) is not None for pid in all_pids())
+
+
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.2)
+    return not group_alive(pgid)
+
+
+def stop_group(leader: int, pgid: int, grace: float) -> None:
+    """SIGTERM the leader first (`ray start --block` then shuts its node down in order), then
+    the whole group, then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(leader, signal.SIGTERM)
+    if wait_group_gone(pgid, grace):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    if wait_group_gone(pgid, 5):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    wait_group_gone(pgid, 5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def service_states(config: dict, paths: Paths) -> dict:
+    states = {}
+    for service in enabled_services(config):
+        record = read_pid_record(paths, service)
+        alive = record_alive(record)
+        states[service] = {
+            "running": alive,
+            "healthy": alive and healthy(service, config, paths),
+            "pid": record["pid"] if alive else None,
+            "log": str(paths.log_file(service)),
+        }
+    return states
+
+
+def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
+    chosen = explicit_settings(args)
+    stored = load_config(paths)
+    running = stored is not None and any(s["running"] for s in service_states(stored, paths).values())
+    if running:
+        config = {**stored, **chosen}
+        if config != stored:
+            changed = sorted(k for k in config if config[k] != stored.get(k))
+            raise StackError(
+                f"the stack in {paths.state} is running with other settings ({', '.join(changed)}); "
+                "run `down` first, then `up` with the new settings"
+            )
+    else:
+        config = {**DEFAULTS, **chosen}
+    if not is_loopback(config["host"]):
+        log(
+            f"WARNING: binding the Ray dashboard/job server, MLflow and S3 to {config['host']}, not "
+            "loopback: anyone who can reach that address can use MLflow and S3 (Ray needs the token)."
+        )
+    if config.get("fake_cluster") and not Path(config["fake_cluster"]).is_file():
+        raise StackError(f"fake cluster config not found: {config['fake_cluster']}")
+
+    for directory in (paths.state, paths.logs, paths.pids, paths.mlflow):
+        directory.mkdir(parents=True, exist_ok=True)
+    paths.state.chmod(0o700)
+    ensure_token(paths)
+    paths.config.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    started = []
+    try:
+        for service in enabled_services(config):
+            record = read_pid_record(paths, service)
+            if record_alive(record):
+                wait_healthy(service, config, paths, record, args.timeout)
+                log(f"{service:7s} already running (pid {record['pid']})")
+                continue
+            if record is not None:
+                paths.pid_file(service).unlink(missing_ok=True)  # stale
+            record = start_service(service, config, paths)
+            started.append(service)
+            wait_healthy(service, config, paths, record, args.timeout)
+            log(f"{service:7s} started (pid {record['pid']}, log {paths.log_file(service)})")
+            if service == "s3":
+                status = http_put(f"{urls(config)['s3']}/{config['s3_bucket']}")
+                if status != 200:
+                    raise StackError(f"could not create bucket {config['s3_bucket']} in moto (HTTP {status})")
+    except StackError:
+        for service in reversed(started):
+            stop_service(service, paths)
+        raise
+    write_env_file(config, paths)
+    print_summary(config, paths)
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def stop_service(service: str, paths: Paths, grace: float = 30.0) -> None:
+    record = read_pid_record(paths, service)
+    if record_alive(record):
+        stop_group(record["pid"], record["pgid"], grace)
+    paths.pid_file(service).unlink(missing_ok=True)
+
+
+def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
+    pgids = set()
+    for service in reversed(SERVICES):
+        record = read_pid_record(paths, service)
+        if record_alive(record):  # a dead leader's pgid may since belong to someone else
+            pgids.add(record["pgid"])
+            log(f"stopping {service} (process group {record['pgid']})")
+        stop_service(service, paths, grace=args.grace)
+    # anything of ours that escaped its process group (it still carries the marker)
+    leftovers = stack_processes(paths, pgids)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = stack_processes(paths, pgids)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    leftovers = stack_processes(paths, pgids)
+    if leftovers:
+        log(
+            "ERROR: these processes of the stack are still alive:\n  " + "\n  ".join(map(describe, leftovers))
+        )
+        return 1
+    log(f"local stack in {paths.state} is down; no process left")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    config = load_config(paths)
+    if config is None:
+        states, report = {}, {"state_dir": str(paths.state), "configured": False, "services": {}}
+    else:
+        states = service_states(config, paths)
+        report = {
+            "state_dir": str(paths.state),
+            "configured": True,
+            "config": config,
+            "services": states,
+            "urls": urls(config),
+            "client_env": client_env(config, paths),
+            "commands": commands(config),
+            "ray_temp_dir": str(paths.ray_temp),
+        }
+    all_up = bool(states) and all(s["healthy"] for s in states.values())
+    none_up = not any(s["running"] for s in states.values())
+    report["state"] = "up" if all_up else "down" if none_up else "degraded"
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        log(f"local stack ({paths.state}): {report['state']}")
+        for name, state in states.items():
+            word = (
+                "healthy" if state["healthy"] else "running, NOT healthy" if state["running"] else "stopped"
+            )
+            pid = f" (pid {state['pid']})" if state["pid"] else ""
+            log(f"  {name:7s} {word}{pid}")
+        if all_up:
+            for name, url in report["urls"].items():
+                log(f"  {name:14s} {url}")
+    return 0 if all_up else 3 if none_up else 1
+
+
+def cmd_env(args: argparse.Namespace, paths: Paths) -> int:
+    config = load_config(paths)
+    if config is None:
+        raise StackError(f"no stack configured in {paths.state}; run `up` first")
+    for key, value in client_env(config, paths).items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def write_env_file(config: dict, paths: Paths) -> None:
+    lines = ["# source me: client environment for the local stack (no secret values in here)"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in client_env(config, paths).items()]
+    paths.env_file.write_text("\n".join(lines) + "\n")
+
+
+def print_summary(config: dict, paths: Paths) -> None:
+    links = urls(config)
+    cmds = commands(config)
+    log()
+    log(f"Local stack is up. State: {paths.state}")
+    log(f"  Ray dashboard + job server   {links['ray_dashboard']}   (token authentication on)")
+    log(f"  Ray GCS port                 {config['ray_port']}   (cluster state: {cmds['ray_status']})")
+    if "mlflow" in links:
+        log(
+            f"  MLflow tracking server + UI  {links['mlflow']}"
+            f"   (artifacts: {artifacts_destination(config, paths)})"
+        )
+    if "s3" in links:
+        log(f"  S3 (moto, in memory)         {links['s3']}   bucket s3://{config['s3_bucket']}")
+    if config.get("fake_cluster"):
+        log(f"  autoscaling (fake multinode) {paths.fake_cluster_config}")
+    log()
+    log(f'Client environment (also in {paths.env_file}; `source` it or eval "$(platform/local-stack env)"):')
+    for key, value in client_env(config, paths).items():
+        log(f"  export {key}={shlex.quote(value)}")
+    log()
+    log("Submit jobs from the repository root (jobs on the cluster get MLFLOW_TRACKING_URI from the head):")
+    log(f"  {cmds['tokenize']}")
+    log(f"  {cmds['pretrain']}")
+    if "mlflow_ui" in cmds:
+        log()
+        log(f"MLflow UI: {cmds['mlflow_ui']}")
+    log(
+        f"Ray dashboard in a browser: {links['ray_dashboard']}"
+        " (paste the token from $RAY_AUTH_TOKEN_PATH when asked)"
+    )
+    log("Stop everything: platform/local-stack down")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="local-stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--state-dir", type=Path,
+        default=Path(os.environ.get("GENGRAM_STATE_DIR", ROOT / "state")) / "local-stack",
+        help="where pids, logs, the token, the MLflow DB and artifacts live (default: state/local-stack; "
+        "env GENGRAM_STATE_DIR sets the parent)",
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start whatever is not running (idempotent)")
+    up.add_argument("--host", help="bind address for dashboard, MLflow and S3 (default 127.0.0.1)")
+    up.add_argument("--ray-port", type=int, help="Ray GCS port (default 6379)")
+    up.add_argument("--dashboard-port", type=int, help="Ray dashboard and job server port (default 8265)")
+    up.add_argument("--ray-client-port", type=int, help="Ray client server port (default 10001)")
+    up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default 4)")
+    up.add_argument("--mlflow-port", type=int, help="MLflow port (default 5000)")
+    up.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False, help="no MLflow server")
+    up.add_argument(
+        "--artifacts-destination", help="MLflow artifact store: a directory or s3://bucket/prefix"
+    )
+    up.add_argument("--s3", dest="s3", action="store_const", const=True, help="also start moto's S3 server")
+    up.add_argument("--s3-port", type=int, help="moto S3 port (default 9000)")
+    up.add_argument("--s3-bucket", help="bucket created in moto (default gengram-dev)")
+    up.add_argument(
+        "--fake-cluster", nargs="?", const=str(ROOT / "cluster" / "local-fake-multinode.yaml"),
+        help="run the head with Ray's fake multinode autoscaler "
+        "(default config: cluster/local-fake-multinode.yaml)",
+    )  # fmt: skip
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service")
+    down = sub.add_parser("down", help="stop every process of the stack and verify none is left")
+    down.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
+    status = sub.add_parser("status", help="exit 0 if up, 3 if down, 1 if degraded")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("env", help="print export lines for clients")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = Paths(args.state_dir.resolve())
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env}
+    try:
+        return handlers[args.command](args, paths)
+    except BrokenPipeError:  # e.g. `local-stack status | head`
+        return 0
+    except StackError as error:
+        print(f"local-stack: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

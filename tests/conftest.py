@@ -1,0 +1,149 @@
+"""Shared fixtures: real services on 127.0.0.1 (moto's S3 server, an MLflow tracking server)
+and a real local Ray cluster. Nothing here is mocked: tests talk to these over the network
+exactly as the jobs do in production.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RCRS_FASTA = ROOT / "jobs" / "manifests" / "data" / "rCRS.fasta"
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    env: dict[str, str]
+
+    @property
+    def storage_options(self) -> dict:
+        return {"client_kwargs": {"endpoint_url": self.endpoint_url}, "key": "testing", "secret": "testing"}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+    def make_bucket(self, name: str) -> str:
+        fs = self.filesystem()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's S3 server in its own process on 127.0.0.1, the way s3fs's own tests run it.
+
+    The AWS_* variables are set for this test process (and so for a Ray cluster it starts),
+    so any boto3/s3fs/pyarrow client with no explicit options reaches this server.
+    """
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    try:
+        wait_for_http(endpoint, process)
+        os.environ.update(env)
+        yield S3Server(endpoint, env)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop(process)
+        log.close()
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    tracking_uri: str
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server over HTTP: SQLite backend, artifacts proxied by the server."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=log,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", process, timeout=120)
+        yield MlflowServer(uri, root)
+    finally:
+        stop(process)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session. Logical CPUs exceed the 2 real cores so that a
+    2-worker Train run and Ray Data tasks can be scheduled together, as on a real node.
+    It starts after the S3 server so that its workers inherit the AWS_* variables."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
