@@ -11,6 +11,8 @@ Layout of a dataset (a local directory or any fsspec URL):
 
 Shards hold fragments of one input each, in the input's order (contig order in the file,
 then start, then strand), so their names and bytes follow from the config and the inputs.
+Neighbouring rows are neighbouring windows of one genome: a trainer should shuffle across
+shards and rows (e.g. Ray Data's `randomize_block_order` and a local shuffle buffer).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
-STRANDS = ("+", "-")
 SHARD_COLUMNS = ("tokens", "assembly", "organism", "group", "contig", "start", "strand")
 
 

@@ -59,6 +59,9 @@ class InputStats:
     tokens: Counter = field(default_factory=Counter)  # split -> bases kept
     size_bytes: int | None = None  # of the input file as stored
 
+    def to_json(self) -> str:
+        return json.dumps({**vars(self), "dropped": dict(self.dropped), "tokens": dict(self.tokens)})
+
     @classmethod
     def from_json(cls, text: str) -> InputStats:
         data = json.loads(text)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs import storage
+
 ALPHABET = np.frombuffer(b"ACGT", dtype=np.uint8)
 BACKGROUND = (0.295, 0.205, 0.205, 0.295)  # A C G T: 41% GC
 MOTIFS = (b"TATAAAAG", b"GCCGCCACCATGG", b"GTAAGT", b"TTTTTTTTTCAG", b"GGGCGGGGC", b"CACGTG")
@@ -124,7 +126,7 @@ def gzip_bytes(data: bytes, members: int = 1, level: int = 6) -> bytes:
 
 def write(recipe: Recipe, directory: Path) -> Path:
     path = directory / f"{recipe.name}.fa.gz"
-    path.write_bytes(gzip_bytes(fasta_bytes(recipe), recipe.gzip_members))
+    storage.write_bytes(str(path), gzip_bytes(fasta_bytes(recipe), recipe.gzip_members))  # whole or not at all
     return path
 
 

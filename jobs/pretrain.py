@@ -37,7 +37,7 @@ def check_dataset(config: PretrainConfig, model_config: ModelConfig):
     """Read the manifest before any worker starts and refuse a dataset the model cannot read."""
     from jobs.dataset import check_compatible, load_manifest
 
-    manifest = load_manifest(config.data.dataset, config.data.storage_options)
+    manifest = load_manifest(config.data.dataset, config.storage_options(config.data.dataset))
     check_compatible(manifest, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
                      source=f"data.dataset={config.data.dataset}")
     return manifest
@@ -45,9 +45,9 @@ def check_dataset(config: PretrainConfig, model_config: ModelConfig):
 
 def train_storage(config: PretrainConfig):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
-    from jobs.storage import pyarrow_filesystem
+    from jobs.storage import absolute, pyarrow_filesystem
 
-    return pyarrow_filesystem(config.checkpoint.storage, config.checkpoint.storage_options)
+    return pyarrow_filesystem(absolute(config.checkpoint.storage), config.storage_options(config.checkpoint.storage))
 
 
 def run(config: PretrainConfig) -> PretrainResult:
@@ -58,6 +58,7 @@ def run(config: PretrainConfig) -> PretrainResult:
     from jobs import tracking
     from jobs.cluster import ensure_ray
     from jobs.dataset import read_eval_rows, split_paths
+    from jobs.storage import absolute
     from model.transformer import parameter_counts
 
     model_config = validate(config)
@@ -88,9 +89,10 @@ def run(config: PretrainConfig) -> PretrainResult:
         # The train stream is endless (epochs until max_steps): a progress bar for it would
         # only flood the logs; training progress is logged per step by rank 0 and to MLflow.
         ray.data.DataContext.get_current().enable_progress_bars = False
-        train_paths, data_fs = split_paths(manifest, "train", config.data.dataset, config.data.storage_options)
+        dataset, dataset_options = absolute(config.data.dataset), config.storage_options(config.data.dataset)
+        train_paths, data_fs = split_paths(manifest, "train", dataset, dataset_options)
         train = ray.data.read_parquet(train_paths, columns=["tokens"], filesystem=data_fs)
-        eval_rows = read_eval_rows(manifest, config.data.dataset, config.data.storage_options,
+        eval_rows = read_eval_rows(manifest, dataset, dataset_options,
                                    limit=config.train.eval_batches * config.train.micro_batch_size
                                    * config.resources.num_workers)
         storage_path, storage_fs = train_storage(config)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from jobs.config import ConfigError, StrictModel
+from jobs.storage import StorageRule, options_for
 from model.config import ModelConfig, flavour
 
 
@@ -25,9 +26,6 @@ class ModelSection(StrictModel):
 
 class DataSection(StrictModel):
     dataset: str = "state/datasets/quickstart"
-    # fsspec options for the dataset URL (e.g. {"endpoint_url": ...} or {"anon": true});
-    # credentials come from the environment or instance roles, never from here.
-    storage_options: dict[str, Any] = Field(default_factory=dict)
     shuffle_buffer_rows: int = Field(1024, ge=0)
     seed: int = 0
 
@@ -70,7 +68,6 @@ class CheckpointSection(StrictModel):
     every: int = Field(50, ge=1)
     # Ray Train storage: a local directory or any pyarrow/fsspec URL such as s3://bucket/prefix.
     storage: str = "state/checkpoints"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
     keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
 
@@ -102,6 +99,12 @@ class PretrainConfig(StrictModel):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    # Endpoints and anonymous access per URL prefix (e.g. an S3-compatible store); there is
+    # no field for a credential: those come from the environment or instance roles only.
+    storage: list[StorageRule] = Field(default_factory=list)
+
+    def storage_options(self, url: str) -> dict[str, Any]:
+        return options_for(url, self.storage)
 
     def model_config_resolved(self) -> ModelConfig:
         """The ModelConfig this run trains; a bad flavour or override is a ConfigError naming it."""

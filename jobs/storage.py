@@ -88,6 +88,7 @@ def open_url(url: str, mode: str = "rb", options: Mapping[str, Any] | None = Non
 
 def exists(url: str, options: Mapping[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, options)
+    fs.invalidate_cache(path)  # listings cached by object-store clients go stale when others write
     return fs.exists(path)
 
 
@@ -99,6 +100,7 @@ def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
 def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """Full URLs of the files directly under the directory `url` (none if it does not exist)."""
     fs, path = filesystem(url, options)
+    fs.invalidate_cache(path)  # other processes may have written there since this one last looked
     if not fs.exists(path):
         return []
     names = sorted(info["name"] for info in fs.ls(path, detail=True) if info["type"] == "file")
@@ -107,7 +109,7 @@ def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
 
 def remove(url: str, options: Mapping[str, Any] | None = None) -> None:
     fs, path = filesystem(url, options)
-    if fs.exists(path):
+    with contextlib.suppress(FileNotFoundError):
         fs.rm(path)
 
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -95,7 +94,7 @@ class TokenizeConfig(StrictModel):
     token_budget: int | None = Field(None, ge=1)  # total bases kept, both splits
     val_fraction: float = Field(0.01, ge=0, lt=1)
     seed: int = 0
-    shard_mib: float = Field(256, gt=0)  # token payload per shard (zstd files are about a third)
+    shard_mib: float = Field(256, gt=0)  # shard file size: a shard closes at the first row group past it
     zstd_level: int = Field(1, ge=-7, le=22)
     storage: list[StorageRule] = Field(default_factory=list)  # endpoints and anonymous access, no secrets
     force: bool = False  # replace a finished dataset at `output`
@@ -158,7 +157,7 @@ class Plan:
     config_hash: str
     output: str
     output_options: dict
-    shard_rows: int
+    shard_bytes: int
     group_rows: int
 
     @property
@@ -193,10 +192,10 @@ def make_plan(config: TokenizeConfig) -> Plan:
     ]
     content = {key: value for key, value in config_to_dict(config).items() if key not in PLACEMENT_KEYS}
     content["inputs"] = [spec.model_dump(mode="json") for spec in specs]
-    shard_rows, group_rows = shard_layout(config.seq_len, config.shard_mib)
     output = storage.absolute(config.output)
+    shard_bytes = int(config.shard_mib * (1 << 20))
     return Plan(config, specs, items, config_hash(content), output, storage.options_for(output, rules),
-                shard_rows, group_rows)
+                shard_bytes, group_rows(config.seq_len, shard_bytes))
 
 
 def _check_inputs(specs: list[InputSpec], config: TokenizeConfig) -> None:
@@ -221,13 +220,11 @@ def _is_package(url: str) -> bool:
     return url.startswith(NCBI_DATASETS_API) or url.split("?")[0].endswith(".zip")
 
 
-def shard_layout(seq_len: int, shard_mib: float) -> tuple[int, int]:
-    """(rows per shard, rows per row group): shards of about shard_mib of tokens, cut into equal
-    row groups of at most ROW_GROUP_BYTES, so that a reader can stream a shard."""
-    target = max(1, int(shard_mib * (1 << 20)) // seq_len)
-    groups = -(-target * seq_len // ROW_GROUP_BYTES)
-    group_rows = -(-target // groups)
-    return group_rows * groups, group_rows
+def group_rows(seq_len: int, shard_bytes: int) -> int:
+    """Rows per Parquet row group: ROW_GROUP_BYTES of tokens, or fewer for shards smaller than
+    that, so that a shard (tokens compress to about a third) holds several row groups and a
+    reader can stream it."""
+    return max(1, min(ROW_GROUP_BYTES, shard_bytes) // seq_len)
 
 
 # --- reading one input (runs in a Ray task) --------------------------------------------------------
@@ -340,7 +337,7 @@ class BlockBuilder:
     def closing_row(self, stats: InputStats) -> pa.Table:
         row = {field.name: pa.nulls(1, field.type) for field in self.schema}
         row["_input"] = pa.array([self.item.index], pa.int32())
-        row["_stats"] = pa.array([json.dumps(asdict(stats))])
+        row["_stats"] = pa.array([stats.to_json()])
         return pa.Table.from_pydict(row, schema=self.schema)
 
 
@@ -369,14 +366,16 @@ class GenomeDatasource(Datasource):
 
 def read_dataset(items: list[WorkItem], read: functools.partial, name: str):
     # As many output blocks as inputs: Ray Data then neither splits a read task's output nor
-    # separates it from a following sink, so each input is read and written by one task
-    # (ShardStream checks that it sees its input's rows complete and in order).
+    # separates it from a following sink, so each input is read and written by one task. The
+    # sink checks it: an input's rows must arrive in order, ending with its closing row.
     return read_datasource(GenomeDatasource(items, read, name), override_num_blocks=len(items))
 
 
 class ShardStream:
-    """One input's fragments of one split -> shards of exactly `shard_rows` rows (the last one
-    shorter), in row groups of `group_rows`, each file written atomically."""
+    """One input's fragments of one split -> shards, each file written atomically. Row groups
+    hold exactly `group_rows` rows (a shard's last one may hold fewer) and a shard closes at the
+    first row group that takes its file past `shard_bytes`: sizes follow from the rows alone,
+    whatever the blocks Ray Data hands over."""
 
     def __init__(self, sink: ShardSink, split: str, input_index: int):
         self.sink, self.split, self.input_index = sink, split, input_index
@@ -433,7 +432,7 @@ class ShardStream:
                                   row_group_size=self.sink.group_rows)
         self.shard_rows += len(table)
         self.shard_tokens += pc.sum(table["_tokens"]).as_py()
-        if self.shard_rows == self.sink.shard_rows:
+        if self.shard[1].tell() >= self.sink.shard_bytes:
             self._finish()
 
     def _finish(self) -> None:
@@ -453,7 +452,7 @@ class ShardSink(Datasink):
     def __init__(self, plan: Plan):
         self.output, self.options = plan.output, plan.output_options
         self.schema = shard_schema(plan.config.seq_len)
-        self.shard_rows, self.group_rows = plan.shard_rows, plan.group_rows
+        self.shard_bytes, self.group_rows = plan.shard_bytes, plan.group_rows
         self.zstd_level = plan.config.zstd_level
         self.results: list[dict] = []
 

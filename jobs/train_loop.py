@@ -198,11 +198,11 @@ def local_experts(state: dict[str, torch.Tensor], model_config: ModelConfig, ran
     return local
 
 
-def load_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+def load_state_dict(model_dir: str, storage_options: dict[str, Any]) -> dict[str, torch.Tensor]:
     """model.pt of an exported final model, from a local path or any fsspec URL."""
-    import fsspec
+    from jobs.storage import join, open_url
 
-    with fsspec.open(f"{model_dir.rstrip('/')}/model.pt", "rb") as handle:
+    with open_url(join(model_dir, "model.pt"), "rb", storage_options) as handle:
         return torch.load(handle, map_location="cpu", weights_only=True)
 
 
@@ -273,7 +273,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = GengramLM(model_config)
     if config.model.init_from and not ray.train.get_checkpoint():
         # Before deepspeed.initialize: ZeRO copies the weights into its fp32 master partitions.
-        model.load_state_dict(local_experts(load_state_dict(config.model.init_from), model_config, rank))
+        state = load_state_dict(config.model.init_from, config.storage_options(config.model.init_from))
+        model.load_state_dict(local_experts(state, model_config, rank))
     seed_everything(config.train.seed + 1 + rank)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

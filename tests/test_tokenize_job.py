@@ -132,8 +132,14 @@ def test_quickstart_is_deterministic_and_reruns_are_safe(ray_cluster, tmp_path):
 
 
 def test_crash_then_rerun_matches_an_uninterrupted_run(ray_cluster, tmp_path):
-    inputs = [generated(tmp_path, f"crash-{i}", (3_000_000, 1_000_000), seed=10 + i) for i in range(3)]
-    config = {"inputs": inputs, "seq_len": 1024, "shard_mib": 0.5, "group_shares": {"non-human": 1.0}}
+    # Three inputs of 8 Mbp (the same text under three names), plain FASTA: seconds of work, ~60 shards.
+    text = genomes.fasta_bytes(genomes.Recipe("crash", contigs=(6_000_000, 2_000_000), seed=10))
+    inputs = []
+    for i in range(3):
+        (tmp_path / f"crash-{i}.fa").write_bytes(text)
+        inputs.append({"url": str(tmp_path / f"crash-{i}.fa"), "assembly": f"crash-{i}", "organism": "x",
+                       "group": "non-human"})
+    config = {"inputs": inputs, "seq_len": 1024, "shard_mib": 0.1, "group_shares": {"non-human": 1.0}}
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run(TokenizeConfig(output=str(reference), **config))
 
@@ -149,9 +155,7 @@ def test_crash_then_rerun_matches_an_uninterrupted_run(ray_cluster, tmp_path):
     assert not (crashed / "manifest.json").exists(), "the job finished before it could be killed"
     assert len(list(crashed.glob("train/part-*.parquet"))) < len(load_manifest(str(reference)).shards_of("train"))
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "shares by tokens" in rerun.stdout
+    run(TokenizeConfig(output=str(crashed), **config))  # the re-run
     assert_same_dataset(reference, crashed)
 
 
@@ -186,6 +190,7 @@ def test_gene_flank_filter_keeps_fragments_near_genes(ray_cluster, tmp_path):
                 if 18_000 - 1000 < s < 23_000 or 68_000 - 1000 < s < 72_500]
     assert kept == expected
     assert manifest.inputs[0].dropped["gene_flank"] == 150 - len(expected)
+    assert set(rows["strand"].to_pylist()) == {"+"}  # strand=forward, the default
 
     (tmp_path / "other.gff").write_bytes(b"NC_1\tt\tgene\t1\t100\t.\t+\t.\tID=a\n")
     with pytest.raises(InputError, match=r"no contig .* has a gene in this annotation"):

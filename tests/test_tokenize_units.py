@@ -1,5 +1,5 @@
 """The tokenize job's parts without Ray: FASTA reading, annotations, fragments, balancing,
-config, manifests and the generated genomes. Fast; no services."""
+config, manifests and the generated genomes. Fast; one test serves files over HTTP on 127.0.0.1."""
 
 import gzip
 import json
@@ -29,7 +29,7 @@ from jobs.fragments import (
     window_keys,
 )
 from jobs.genes import GeneIndex
-from jobs.tokenization import TokenizeConfig, make_plan, shard_layout
+from jobs.tokenization import TokenizeConfig, group_rows, make_plan
 from model.vocab import PAD, decode, encode
 
 SPEC = FragmentSpec(seq_len=8, pad_final=False, min_acgt_fraction=0.5, gene_flank=None, strand="forward",
@@ -204,6 +204,7 @@ def test_ncbi_accession_resolves_to_a_datasets_package_that_is_read(tmp_path):
         list(read_fasta(Source(str(two), pick_member=ncbi_member("GCF_999999999.1"))))
 
 
+@pytest.mark.services
 def test_inputs_are_read_over_http(tmp_path):
     """https:// inputs go through fsspec's HTTP filesystem; a local server stands in."""
     import functools
@@ -399,11 +400,10 @@ def test_plan_checks_groups_and_assemblies():
     assert plan.config_hash != make_plan(quickstart_config(seed=1)).config_hash
 
 
-def test_shard_layout_cuts_shards_into_equal_row_groups():
-    assert shard_layout(8192, 256) == (32768, 8192)  # 256 MiB of tokens in four 64 MiB row groups
-    assert shard_layout(1024, 0.125) == (128, 128)
-    rows, group = shard_layout(32768, 100)
-    assert rows % group == 0 and rows * 32768 >= 100 << 20
+def test_row_groups_hold_64_mib_of_tokens_or_a_shard_size():
+    assert group_rows(8192, 256 << 20) == 8192
+    assert group_rows(32768, 256 << 20) == 2048
+    assert group_rows(1024, 20 << 10) == 20
 
 
 def test_shipped_assembly_lists_validate():
@@ -419,6 +419,9 @@ def test_shipped_assembly_lists_validate():
     for assemblies in lists.values():
         assert len({spec.assembly for spec in assemblies.inputs}) == len(assemblies.inputs)
     load_config(TokenizeConfig, str(ROOT / "jobs/configs/tokenize-quickstart.yaml"))
+    paper = make_plan(load_config(TokenizeConfig, str(ROOT / "jobs/configs/tokenize-paper.yaml")))
+    assert len(paper.items) == 464 + 2 + len(lists["ncbi-primates"].inputs)
+    assert paper.items[0].options == {"anon": True, "client_kwargs": {"region_name": "us-west-2"}}
     assert isinstance(AssemblyList.model_validate({"inputs": [{"assembly": "GCF_000001405.40", "organism": "h",
                                                                "group": "human"}]}), AssemblyList)
 
