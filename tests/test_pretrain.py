@@ -198,7 +198,8 @@ def test_rerunning_a_stopped_run_continues_from_its_last_checkpoint(dataset, mlf
     ("overrides", "message"),
     [
         (["train.global_batch_size=6"], "train.global_batch_size=6 is not divisible"),
-        (["resources.num_workers=3", "train.global_batch_size=12"], "ep_size=2 does not divide resources.num_workers=3"),
+        (["resources.num_workers=3", "train.global_batch_size=12"],
+         "ep_size=2 does not divide resources.num_workers=3"),
         (["model.overrides.max_seq_len=512"], "the model's context is 512"),
     ],
 )
@@ -214,11 +215,11 @@ def test_unreachable_tracking_server_fails_fast(dataset):
     config = load_config(PretrainConfig, QUICKSTART, [f"data.dataset={dataset}", "tracking.uri=http://127.0.0.1:9",
                                                       "tracking.preflight_timeout_s=2"])
     started = time.monotonic()
-    with pytest.raises(Exception, match="127.0.0.1:9 is not reachable"):
+    with pytest.raises(Exception, match=r"127\.0\.0\.1:9 is not reachable"):
         run(config)
     assert time.monotonic() - started < 60
 
 
 def test_config_holds_no_credentials():
-    with pytest.raises(ConfigError, match="storage.0.secret: unknown key"):
+    with pytest.raises(ConfigError, match=r"storage\.0\.secret: unknown key"):
         load_config(PretrainConfig, None, ["storage=[{prefix: 's3://b', secret: 'hunter2'}]"])
