@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def train_storage(config: PretrainConfig):
     return pyarrow_filesystem(absolute(config.checkpoint.storage), config.storage_options(config.checkpoint.storage))
 
 
-def run(config: PretrainConfig) -> PretrainResult:
+def run(config: PretrainConfig, parent_run_id: str | None = None, train_callbacks: Sequence = ()) -> PretrainResult:
+    """Train `config` on the Ray cluster (joined or started) and track it in MLflow.
+
+    parent_run_id nests the MLflow run under another (a Tune search); train_callbacks are
+    Ray Train callbacks, e.g. Tune's report callback when the run is a Tune trial."""
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -63,7 +68,7 @@ def run(config: PretrainConfig) -> PretrainResult:
 
     model_config = validate(config)
     manifest = check_dataset(config, model_config)
-    tracking_uri = tracking.absolute_tracking_uri(config.tracking.uri)
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     tracking.preflight(tracking_uri, config.tracking.preflight_timeout_s)
 
     resolved = config_to_dict(config)
@@ -77,7 +82,8 @@ def run(config: PretrainConfig) -> PretrainResult:
     commit = tracking.git_commit()
     if commit:
         tags["git.commit"] = commit
-    run_id, resumed = tracking.start_or_resume_run(client, experiment_id, config.run_name, params, tags)
+    run_id, resumed = tracking.start_or_resume_run(client, experiment_id, config.run_name, params, tags,
+                                                   parent_run_id=parent_run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
 
     try:
@@ -119,6 +125,7 @@ def run(config: PretrainConfig) -> PretrainResult:
                 storage_filesystem=storage_fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
                 failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+                callbacks=list(train_callbacks),
             ),
             datasets={"train": train},
             dataset_config=DataConfig(datasets_to_split=["train"]),

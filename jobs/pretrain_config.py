@@ -79,8 +79,9 @@ class ResourcesSection(StrictModel):
 
 
 class TrackingSection(StrictModel):
-    # MLflow tracking URI: http(s)://server, or sqlite:///path for a local store.
-    uri: str = "sqlite:///state/mlflow/mlflow.db"
+    # MLflow tracking URI: http(s)://server, or sqlite:///path for a local store; unset means
+    # $MLFLOW_TRACKING_URI, else sqlite:///state/mlflow/mlflow.db.
+    uri: str | None = None
     # Where a local store keeps artifacts (a server stores them itself).
     artifact_root: str = "state/mlflow/artifacts"
     experiment: str = "gengram-pretrain"

@@ -73,9 +73,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+PROJECT_HOME_VARIABLE = "GENGRAM_HOME"
+
+
 def absolute(url: str) -> str:
-    """A local path made absolute (tasks on other workers do not share the driver's cwd); URLs unchanged."""
-    return os.path.abspath(url) if protocol(url) == "file" and "://" not in url else url
+    """A local path made absolute; URLs unchanged. Tasks on other workers do not share the
+    driver's cwd, and a job sent with `ray job submit --working-dir` runs in a throwaway copy
+    of the tree, so relative paths resolve against $GENGRAM_HOME (the project root, which the
+    local stack hands its jobs) when it is set, else against the cwd."""
+    if protocol(url) != "file" or "://" in url:
+        return url
+    return os.path.abspath(os.path.join(os.environ.get(PROJECT_HOME_VARIABLE, ""), url))
 
 
 def join(base: str, *parts: str) -> str:

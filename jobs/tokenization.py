@@ -6,16 +6,17 @@ Flow (run):
                that parses every input and returns, per input, a histogram of tokens over
                selection buckets; the driver turns them into per-group bucket limits
   3. write     a Ray Data pass: GenomeDatasource (one read task per input, streaming the file
-               and yielding Arrow blocks of fragments) -> ShardSink, fused into one task per
-               input, writing that input's shards
+               and yielding Arrow blocks of fragments, then a closing row with the input's
+               statistics) -> ShardSink, fused into one task per input, writing its shards
   4. commit    remove files a crashed or replaced run left behind, then write manifest.json
 
 Determinism: every per-fragment choice is a seeded hash of (assembly, contig, start); each
-shard holds one input's fragments in file order, is named by (split, input, part) and is cut
-at fixed row counts with fixed row groups, so names and bytes do not depend on scheduling or
-on how Ray Data chunks blocks. A re-run redoes the work and overwrites files with the same
-bytes; since each file is written atomically and the manifest last, a crash at any point
-leaves no visible dataset, and the re-run ends exactly where an uninterrupted run would.
+shard holds one input's fragments in file order, is named by (split, input, part), and has
+row groups of a fixed row count, closing at the first row group past the size target, so
+names and bytes do not depend on scheduling or on how Ray Data chunks blocks. A re-run redoes
+the work and overwrites files with the same bytes; since each file is written atomically and
+the manifest last, a crash at any point leaves no visible dataset, and the re-run ends exactly
+where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -538,6 +539,13 @@ def _existing(job: Plan) -> Manifest | None:
 
 
 def balance(job: Plan, spec: FragmentSpec) -> dict[str, int]:
+    """Per-group selection limits, from a first pass that counts instead of writing.
+
+    Why count first rather than write every fragment and thin the shards afterwards: at the
+    paper's scale the human haplotypes outnumber the other primates about fifteen to one, so
+    most human fragments are dropped, and encoding them to Parquet costs several times what
+    reading an input again does (decompression dominates a pass without writing).
+    """
     histograms = {group: np.zeros(BUCKETS, dtype=np.int64) for group in job.config.group_shares}
     dataset = read_dataset(job.items, functools.partial(count_input, spec=spec), "CountFragments")
     with input_errors_unwrapped():

@@ -19,6 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from jobs.config import flatten
+from jobs.storage import absolute
 
 RUN_NAME_TAG = "gengram.run_name"
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private|session|access_key|^key$)", re.I)
@@ -31,11 +32,17 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server does not answer; raised before any compute is spent."""
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """Make a relative sqlite:/// path absolute, so Ray workers (other cwd) reach the same store."""
+LOCAL_STORE = "sqlite:///state/mlflow/mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI (the local stack sets it for its jobs), else a
+    local SQLite store; a relative sqlite:/// path is made absolute so that Ray workers, whose
+    cwd differs, reach the same store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_STORE
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
+    if uri.startswith(prefix):
+        path = Path(absolute(uri[len(prefix):]))
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"{prefix}{path}"
     return uri
@@ -119,7 +126,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
     location = None
     if artifact_root and not client.tracking_uri.startswith(("http://", "https://", "databricks")):
         # A local store would otherwise put artifacts in ./mlruns of whatever process logs first.
-        location = Path(artifact_root).resolve().as_uri()
+        location = Path(absolute(artifact_root)).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

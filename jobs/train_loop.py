@@ -331,35 +331,35 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log(metrics, step)
                 print(f"step {step}/{config.train.max_steps}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
                       f"{metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
-        if (step % config.train.eval_every == 0 or last_step) and len(eval_rows):
+        evaluated = (step % config.train.eval_every == 0 or last_step) and len(eval_rows) > 0
+        if evaluated:
             val_loss = evaluate(engine, eval_rows, config.train.micro_batch_size, world)
             last_metrics["val_loss"] = val_loss
             if tracker:
                 tracker.log({"val_loss": val_loss}, step)
+        report = {**last_metrics, "step": step, "start_step": start_step, "final": last_step}
         if step % config.checkpoint.every == 0 or last_step:
-            report_checkpoint(engine, config, model_config, step, epoch, {**last_metrics, "start_step": start_step},
-                              eval_rows, rank, world, final=last_step)
+            report_checkpoint(engine, config, model_config, step, epoch, report, eval_rows, rank, world)
+        elif evaluated:
+            # Schedulers (Tune's ASHA) act on every evaluation, not only on checkpoints.
+            ray.train.report(report)
 
     if tracker:
         tracker.close()
 
 
 def report_checkpoint(engine, config: PretrainConfig, model_config: ModelConfig, step: int, epoch: int,
-                      metrics: dict[str, float], eval_rows: torch.Tensor, rank: int, world: int,
-                      final: bool) -> None:
+                      metrics: dict[str, float], eval_rows: torch.Tensor, rank: int, world: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step, "epoch": epoch})
         (Path(directory) / RNG_DIR).mkdir(exist_ok=True)
         torch.save(rng_state(), Path(directory) / RNG_DIR / f"rank{rank}.pt")
-        if final:
+        if metrics["final"]:
             reference = eval_rows[: config.train.micro_batch_size]
             if not len(reference):
                 reference = torch.full((1, 16), 1, dtype=torch.long)
             export_final_model(engine, model_config, reference, Path(directory) / FINAL_MODEL_DIR, rank, world)
-        ray.train.report(
-            {**metrics, "step": step, "final": final},
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 class RankZeroTracker:
