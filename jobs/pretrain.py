@@ -10,6 +10,7 @@ Re-running with the same `run_name` resumes from the run's latest checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -37,8 +38,10 @@ class PretrainResult:
 def check_dataset(config: PretrainConfig, model_config: ModelConfig):
     """Read the manifest before any worker starts and refuse a dataset the model cannot read."""
     from jobs.dataset import check_compatible, load_manifest
+    from jobs.storage import absolute
 
-    manifest = load_manifest(config.data.dataset, config.storage_options(config.data.dataset))
+    # absolute(): where run() reads the shards from, also under `ray job submit --working-dir`
+    manifest = load_manifest(absolute(config.data.dataset), config.storage_options(config.data.dataset))
     check_compatible(manifest, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
                      source=f"data.dataset={config.data.dataset}")
     return manifest
@@ -49,6 +52,21 @@ def train_storage(config: PretrainConfig):
     from jobs.storage import absolute, pyarrow_filesystem
 
     return pyarrow_filesystem(absolute(config.checkpoint.storage), config.storage_options(config.checkpoint.storage))
+
+
+def required_cpus(config: PretrainConfig) -> int:
+    """Logical CPUs a run holds: its workers', plus one for Ray Data's streaming reads of the
+    shards (training workers keep theirs for the whole run, so reads need a CPU beyond them)."""
+    return math.ceil(config.resources.num_workers * config.resources.cpus_per_worker) + 1
+
+
+def warn_if_cluster_too_small(config: PretrainConfig) -> None:
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < required_cpus(config):
+        print(f"warning: the cluster has {available:g} CPUs and this run needs {required_cpus(config)} "
+              "(workers + 1 for data reads); it waits until the autoscaler adds nodes", file=sys.stderr)
 
 
 def run(config: PretrainConfig, parent_run_id: str | None = None, train_callbacks: Sequence = ()) -> PretrainResult:
@@ -87,9 +105,8 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
 
     try:
-        resources = config.resources
-        # One logical CPU beyond the workers' for Ray Data's streaming reads of the shards.
-        ensure_ray(local_num_cpus=int(resources.num_workers * resources.cpus_per_worker) + 1)
+        ensure_ray(local_num_cpus=required_cpus(config))
+        warn_if_cluster_too_small(config)
         import ray.data
 
         # The train stream is endless (epochs until max_steps): a progress bar for it would

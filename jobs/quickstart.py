@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jobs.cluster import ensure_ray
 from jobs.config import ConfigError, load_config
+from jobs.pretrain import required_cpus, summary
 from jobs.pretrain import run as pretrain
-from jobs.pretrain import summary
 from jobs.pretrain_config import PretrainConfig
 from jobs.tokenization import TokenizeConfig
 from jobs.tokenization import run as tokenize
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> int:
         dataset_config = load_config(TokenizeConfig, str(CONFIGS / "tokenize-quickstart.yaml"))
         pretrain_config = load_config(PretrainConfig, str(CONFIGS / "pretrain-quickstart.yaml"),
                                       [f"data.dataset={dataset_config.output}", *argv])
+        # Start (or join) the cluster sized for the pretraining step that follows tokenisation.
+        ensure_ray(local_num_cpus=required_cpus(pretrain_config))
         print("== 1/2  tokenise the quickstart set (rCRS, real; three generated primate-like genomes)", flush=True)
         print(dataset_summary(tokenize(dataset_config)), flush=True)
         print("== 2/2  pretrain the debug flavour (2 workers, expert parallelism 2, ZeRO-2)", flush=True)

@@ -11,9 +11,9 @@ import os
 import re
 import subprocess
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -48,20 +48,10 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
-@contextmanager
 def _short_retries(timeout_s: float):
     """MLflow retries a dead server for minutes by default; a preflight should fail in seconds."""
-    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s)))}
-    saved = {key: os.environ.get(key) for key in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s)))})
 
 
 def preflight(uri: str, timeout_s: float) -> None:

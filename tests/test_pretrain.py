@@ -4,6 +4,7 @@ quickstart dataset (real rCRS + generated genomes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,8 +108,14 @@ def registered_checkpoints(snapshot: str) -> list:
 
 
 def train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    """Training workers of this test session's own Ray cluster (its raylet is our child), never
+    another Ray's on the same machine."""
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                pids.append(process.pid)
+    return pids
 
 
 def test_killed_worker_resumes_from_its_s3_checkpoint(dataset, mlflow_server, s3_server, ray_cluster, tmp_path):
