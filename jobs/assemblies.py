@@ -71,9 +71,11 @@ class AssemblyList(StrictModel):
 
 
 def load_assembly_list(url: str, rules: list[StorageRule] | tuple[StorageRule, ...] = ()) -> AssemblyList:
-    """Read an assembly list; relative paths in it are relative to the list's own folder."""
+    """Read an assembly list; relative paths in it are relative to the list's own folder (and
+    stay relative in what is recorded, so that a dataset's manifest does not depend on where
+    the repository was checked out)."""
     try:
-        text = storage.read_bytes(url, storage.options_for(url, rules))
+        text = storage.read_bytes(storage.absolute(url), storage.options_for(url, rules))
     except FileNotFoundError:
         raise ConfigError(f"assembly list not found: {url}") from None
     try:

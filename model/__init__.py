@@ -1,16 +1,25 @@
-"""The Gengram DNA language model: vocabulary, Gengram memory, MoE transformer. PyTorch only."""
+"""The Gengram DNA language model: vocabulary, Gengram memory, MoE transformer. PyTorch only.
 
-from model.config import FLAVOURS, GengramConfig, ModelConfig, flavour
-from model.gengram import Gengram
-from model.transformer import GengramLM, LMOutput, parameter_counts
+Names are imported on first use, so that `model.vocab` (all a tokenising worker needs) does not
+pay for importing torch.
+"""
 
-__all__ = [
-    "FLAVOURS",
-    "Gengram",
-    "GengramConfig",
-    "GengramLM",
-    "LMOutput",
-    "ModelConfig",
-    "flavour",
-    "parameter_counts",
-]
+import importlib
+
+_EXPORTS = {
+    "FLAVOURS": "model.config",
+    "GengramConfig": "model.config",
+    "ModelConfig": "model.config",
+    "flavour": "model.config",
+    "Gengram": "model.gengram",
+    "GengramLM": "model.transformer",
+    "LMOutput": "model.transformer",
+    "parameter_counts": "model.transformer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
