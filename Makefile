@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup quickstart test test-fast lint bench clean-state
+.PHONY: setup browser quickstart test test-fast lint bench clean-state
 
 setup: $(VENV)/.installed
 
@@ -21,10 +21,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+# The end-to-end tests drive the MLflow UI in Debian's headless Chromium, through the chromedriver of
+# the same Debian version (tests/test_e2e.py). Installed only when missing, and only where apt-get can
+# run (root, as in CI); elsewhere the browser test skips, except under CI where it fails.
+BROWSER_PACKAGES := chromium chromium-driver
+
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $(BROWSER_PACKAGES) with apt-get (for tests/test_e2e.py)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
+		else \
+			echo "note: chromium/chromedriver missing and apt-get unavailable: the MLflow UI test will skip"; \
+		fi; \
+	fi
+
 quickstart: setup
 	$(PY) -m jobs.quickstart
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
 
 test-fast: setup

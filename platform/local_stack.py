@@ -19,6 +19,10 @@ How it works
   It never calls `ray stop`, which would stop every Ray process on the machine, other people's too.
 - `up` is idempotent: a service whose pid file names a live process that answers its health check
   is left alone; a stale pid file is removed and the service started afresh.
+- Jobs submitted to the head inherit its environment: MLFLOW_TRACKING_URI (the stack's MLflow) and
+  GENGRAM_HOME (this checkout), against which the jobs resolve their relative paths. A job sent
+  with `ray job submit --working-dir .` runs in a throwaway copy of the tree; GENGRAM_HOME makes
+  its `state/...` outputs land in the project's state/, where the next job and the user find them.
 - Ray token authentication stays on: the head runs with RAY_AUTH_MODE=token and a token file in the
   state directory (mode 0600), handed to clients with RAY_AUTH_TOKEN_PATH. The token itself is
   never printed or logged by this script.
@@ -61,6 +65,7 @@ DEFAULTS = {
     "artifacts_destination": None,  # None: <state>/mlflow/artifacts, or s3://<bucket>/mlflow with --s3
     "num_cpus": 4,
     "fake_cluster": None,  # path of a fake_multinode autoscaling config, or None
+    "project_home": str(ROOT),  # GENGRAM_HOME of submitted jobs: relative paths in configs resolve here
 }
 ENV_NAMES = {
     "host": "GENGRAM_BIND_HOST",
@@ -75,6 +80,9 @@ ENV_NAMES = {
     "artifacts_destination": "GENGRAM_MLFLOW_ARTIFACTS",
     "num_cpus": "GENGRAM_RAY_NUM_CPUS",
     "fake_cluster": "GENGRAM_FAKE_CLUSTER",
+    # the variable the jobs themselves read (jobs/storage.py): set in a shell for local runs, the
+    # stack hands the same value to its jobs
+    "project_home": "GENGRAM_HOME",
 }
 INT_KEYS = {"ray_port", "dashboard_port", "ray_client_port", "mlflow_port", "s3_port", "num_cpus"}
 BOOL_KEYS = {"s3", "mlflow"}
@@ -132,6 +140,8 @@ def explicit_settings(args: argparse.Namespace) -> dict:
         chosen["fake_cluster"] = str(DEFAULT_FAKE_CLUSTER)
     if chosen.get("fake_cluster"):
         chosen["fake_cluster"] = str(Path(chosen["fake_cluster"]).resolve())
+    if chosen.get("project_home"):
+        chosen["project_home"] = str(Path(chosen["project_home"]).resolve())
     return chosen
 
 
@@ -188,6 +198,11 @@ def artifacts_destination(config: dict, paths: Paths) -> str:
     if config["s3"]:
         return f"s3://{config['s3_bucket']}/mlflow"
     return str(paths.mlflow / "artifacts")
+
+
+def project_home(config: dict) -> str:
+    """GENGRAM_HOME for the jobs (a stack.json written before this setting existed has none)."""
+    return config.get("project_home") or str(ROOT)
 
 
 def client_env(config: dict, paths: Paths) -> dict:
@@ -431,7 +446,11 @@ def service_command(service: str, config: dict, paths: Paths) -> tuple[list[str]
         # would collide with any other local Ray cluster; Ray binds them to the node IP's interfaces.
         env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
         env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
+        # On SIGTERM `ray start --block` first drains the node for up to 30 s (for Serve proxies, of
+        # which this stack has none); it never finishes draining here, so `down` took 30 s longer.
+        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         env.update({k: v for k, v in client_env(config, paths).items() if not k.startswith("RAY_")})
+        env["GENGRAM_HOME"] = project_home(config)
         num_cpus = config["num_cpus"]
         command = [
             str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -559,6 +578,12 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
     stored = load_config(paths)
     running = stored is not None and any(s["running"] for s in service_states(stored, paths).values())
     if running:
+        missing = sorted(set(DEFAULTS) - set(stored))
+        if missing:  # started by an older launcher: its processes lack what these settings add
+            raise StackError(
+                f"the stack in {paths.state} was started by an older version of this launcher "
+                f"(no {', '.join(missing)}); run `down`, then `up`"
+            )
         config = {**stored, **chosen}
         if config != stored:
             changed = sorted(k for k in config if config[k] != stored.get(k))
@@ -575,6 +600,8 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
         )
     if config.get("fake_cluster") and not Path(config["fake_cluster"]).is_file():
         raise StackError(f"fake cluster config not found: {config['fake_cluster']}")
+    if not Path(project_home(config)).is_dir():
+        raise StackError(f"project home (GENGRAM_HOME) is not a directory: {project_home(config)}")
 
     for directory in (paths.state, paths.logs, paths.pids, paths.mlflow):
         directory.mkdir(parents=True, exist_ok=True)
@@ -725,7 +752,9 @@ def print_summary(config: dict, paths: Paths) -> None:
     for key, value in client_env(config, paths).items():
         log(f"  export {key}={shlex.quote(value)}")
     log()
-    log("Submit jobs from the repository root (jobs on the cluster get MLFLOW_TRACKING_URI from the head):")
+    log("Submit jobs from the repository root. Jobs get MLFLOW_TRACKING_URI and GENGRAM_HOME from the head;")
+    log(f"relative paths in their configs resolve against GENGRAM_HOME={project_home(config)}")
+    log("(state/datasets/..., state/checkpoints/...: where the next job and you find them):")
     log(f"  {cmds['tokenize']}")
     log(f"  {cmds['pretrain']}")
     if "mlflow_ui" in cmds:
@@ -766,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the head with Ray's fake multinode autoscaler "
         "(default config: cluster/local-fake-multinode.yaml)",
     )  # fmt: skip
+    up.add_argument(
+        "--project-home",
+        help="GENGRAM_HOME handed to jobs: relative paths in job configs resolve against it "
+        "(default: this checkout)",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service")
     down = sub.add_parser("down", help="stop every process of the stack and verify none is left")
     down.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")

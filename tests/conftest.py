@@ -5,7 +5,9 @@ exactly as the jobs do in production.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -91,17 +94,11 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ENDPOINT_URL_S3": endpoint,
     }
-    saved = {key: os.environ.get(key) for key in env}
     try:
         wait_for_http(endpoint, process)
-        os.environ.update(env)
-        yield S3Server(endpoint, env)
+        with mock.patch.dict(os.environ, env):
+            yield S3Server(endpoint, env)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         stop(process)
         log.close()
 
@@ -147,3 +144,48 @@ def ray_cluster(s3_server):
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- the local-stack launcher
+# (shared by test_platform.py, test_cluster.py and test_e2e.py)
+
+LAUNCHER = ROOT / "platform" / "local_stack.py"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that points a client at some cluster or store."""
+    prefixes = ("RAY_", "GENGRAM_", "AWS_", "MLFLOW_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def launcher(state_dir: Path, *args: str, timeout: float = 300, env: dict | None = None, root: Path = ROOT):
+    """Run `platform/local_stack.py` of the checkout `root` (default: this one) from that checkout."""
+    return subprocess.run(
+        [sys.executable, str(root / "platform" / "local_stack.py"), "--state-dir", str(state_dir), *args],
+        capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=root,
+    )  # fmt: skip
+
+
+def processes_with_marker(state_dir: Path) -> list[int]:
+    """Live processes of the stack in `state_dir`: all of them carry its marker in their environment."""
+    marker = f"GENGRAM_LOCAL_STACK={state_dir}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def remove_ray_temp_dir(state_dir: Path, root: Path = ROOT) -> None:
+    """The launcher keeps Ray's logs after `down`; a test's go when the test is done. Under pytest's
+    deep tmp path the launcher put them in /tmp/gengram-ray-<hash> (Unix socket path limit)."""
+    config = json.loads(launcher(state_dir, "status", "--json", root=root).stdout)
+    temp_dir = Path(config.get("ray_temp_dir", state_dir / "ray"))
+    if temp_dir.name.startswith("gengram-ray-") or state_dir in temp_dir.parents:
+        shutil.rmtree(temp_dir, ignore_errors=True)

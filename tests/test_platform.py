@@ -11,7 +11,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
@@ -22,9 +21,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, clean_env, free_port, launcher, processes_with_marker, remove_ray_temp_dir
 
-LAUNCHER = ROOT / "platform" / "local_stack.py"
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 MIB = 1024 * 1024
@@ -261,21 +259,6 @@ def test_repository_upload_is_small_and_clean(tmp_path):
 # ----------------------------------------------------------------------------- launcher, no services
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything that points a client at some cluster or store."""
-    prefixes = ("RAY_", "GENGRAM_", "AWS_", "MLFLOW_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.update(extra)
-    return env
-
-
-def launcher(state_dir: Path, *args: str, timeout: float = 300, env: dict | None = None):
-    return subprocess.run(
-        [sys.executable, str(LAUNCHER), "--state-dir", str(state_dir), *args],
-        capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=ROOT,
-    )  # fmt: skip
-
-
 def test_launcher_is_a_script_not_a_package():
     assert not (ROOT / "platform" / "__init__.py").exists()
     wrapper = ROOT / "platform" / "local-stack"
@@ -321,19 +304,6 @@ def listening_sockets() -> dict[int, set[str]]:
     return found
 
 
-def processes_with_marker(state_dir: Path) -> list[int]:
-    marker = f"GENGRAM_LOCAL_STACK={state_dir}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
 class Stack:
     def __init__(self, state_dir: Path, up: subprocess.CompletedProcess):
         self.state_dir = state_dir
@@ -366,15 +336,6 @@ def stack(tmp_path_factory):
         assert down.returncode == 0, down.stdout + down.stderr
         assert processes_with_marker(state_dir) == []
         remove_ray_temp_dir(state_dir)
-
-
-def remove_ray_temp_dir(state_dir: Path) -> None:
-    """The launcher keeps Ray's logs after `down`; a test's go when the test is done. Under pytest's
-    deep tmp path the launcher put them in /tmp/gengram-ray-<hash> (Unix socket path limit)."""
-    config = json.loads(launcher(state_dir, "status", "--json").stdout)
-    temp_dir = Path(config.get("ray_temp_dir", state_dir / "ray"))
-    if temp_dir.name.startswith("gengram-ray-") or state_dir in temp_dir.parents:
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.ray
