@@ -81,11 +81,17 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
     from jobs import tracking
     from jobs.cluster import ensure_ray
     from jobs.dataset import read_eval_rows, split_paths
-    from jobs.storage import absolute
+    from jobs.storage import absolute, exists, join
     from model.transformer import parameter_counts
 
     model_config = validate(config)
     manifest = check_dataset(config, model_config)
+    if config.model.init_from:
+        # Workers resolve nothing: hand them an absolute path, checked here before they start.
+        config.model.init_from = absolute(config.model.init_from)
+        weights = join(config.model.init_from, "model.pt")
+        if not exists(weights, config.storage_options(weights)):
+            raise ConfigError(f"model.init_from={config.model.init_from} holds no model.pt (an exported final_model)")
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     tracking.preflight(tracking_uri, config.tracking.preflight_timeout_s)
 

@@ -208,6 +208,7 @@ def test_rerunning_a_stopped_run_continues_from_its_last_checkpoint(dataset, mlf
         (["resources.num_workers=3", "train.global_batch_size=12"],
          "ep_size=2 does not divide resources.num_workers=3"),
         (["model.overrides.max_seq_len=512"], "the model's context is 512"),
+        (["model.init_from=state/no-such-run/final_model"], "holds no model.pt"),
     ],
 )
 def test_config_errors_fail_before_any_worker_starts(dataset, overrides, message):
