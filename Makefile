@@ -5,11 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
+DS_AOT := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1
+DS_HAS_SHM_OP := from deepspeed.git_version_info import installed_ops as ops; assert ops['deepspeed_shm_comm'], 'DeepSpeed was built without its shm comm op'
+
 .PHONY: setup browser quickstart test test-fast lint bench clean-state
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first, exactly this version: it is the CPU build on disk here; anything
@@ -17,7 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install torch==2.13.0
 	# DeepSpeed ships only an sdist whose setup imports torch: build it against the
 	# torch just installed instead of an isolated env that would fetch another torch.
-	$(PIP) install --no-build-isolation deepspeed==0.19.8
+	# Its CPU shared-memory comm op is compiled here, ahead of time, rather than by the
+	# first training worker: a JIT build holds a lock file in ~/.cache/torch_extensions,
+	# and a build killed half-way (a stopped job) leaves it behind for every later worker
+	# to wait on forever. No pip cache: a cached wheel would be one built without the op;
+	# a venv that has DeepSpeed without it (made before this rule) gets it rebuilt.
+	$(DS_AOT) $(PIP) install --no-build-isolation --no-cache-dir deepspeed==0.19.8
+	$(PY) -c "$(DS_HAS_SHM_OP)" 2>/dev/null || \
+		$(DS_AOT) $(PIP) install --no-build-isolation --no-cache-dir --force-reinstall --no-deps deepspeed==0.19.8
+	$(PY) -c "$(DS_HAS_SHM_OP)"
 	$(PIP) install -e '.[dev]'
 	touch $@
 
