@@ -110,11 +110,13 @@ class MetricAccumulator:
         # Seconds spent in training steps only (data wait included; eval and checkpoints not),
         # so tokens_per_s is the training throughput whatever the eval cadence.
         self.busy_seconds = 0.0
+        self.data_seconds = 0.0  # of which waiting for the next micro-batch
 
-    def add(self, out, tokens: int, seconds: float) -> None:
+    def add(self, out, tokens: int, seconds: float, data_seconds: float) -> None:
         self.micro_batches += 1
         self.tokens += tokens
         self.busy_seconds += seconds
+        self.data_seconds += data_seconds
         for name in ("loss", "lm_loss", "aux_loss", "z_loss"):
             self.sums[name] += getattr(out, name).detach().item()
         for layer, counts in out.expert_counts.items():
@@ -127,18 +129,19 @@ class MetricAccumulator:
     def reduce(self, world: int) -> dict[str, float]:
         names = sorted(self.sums)
         layers = sorted(self.expert_counts)
-        counters = [self.micro_batches, self.tokens, self.busy_seconds]
+        counters = [self.micro_batches, self.tokens, self.busy_seconds, self.data_seconds]
         flat = torch.cat(
             [torch.tensor([self.sums[n] for n in names] + counters, dtype=torch.float64)]
             + [self.expert_counts[layer].double() for layer in layers]
         )
         if world > 1:
             dist.all_reduce(flat)
-        micro_batches, tokens, busy = flat[len(names) : len(names) + 3].tolist()
+        micro_batches, tokens, busy, data = flat[len(names) : len(names) + len(counters)].tolist()
         metrics = {name: flat[i].item() / micro_batches for i, name in enumerate(names)}
         # Ranks run concurrently: global throughput is all tokens over the mean busy time.
         metrics["tokens_per_s"] = tokens / (busy / world)
-        offset = len(names) + 3
+        metrics["data_wait_fraction"] = data / busy  # input-bound when this is not near zero
+        offset = len(names) + len(counters)
         for layer in layers:
             counts = flat[offset : offset + len(self.expert_counts[layer])]
             offset += len(counts)
@@ -314,10 +317,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(accumulation):
             started = time.perf_counter()
             ids = next(batches).to(engine.device)
+            fetched = time.perf_counter()
             out = engine(ids)
             engine.backward(out.loss)
             engine.step()
-            metrics_window.add(out, ids.numel(), time.perf_counter() - started)
+            metrics_window.add(out, ids.numel(), time.perf_counter() - started, fetched - started)
         step += 1
         last_step = step == config.train.max_steps
         if step % config.train.log_every == 0 or last_step:
