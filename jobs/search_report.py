@@ -92,11 +92,9 @@ def write_table(plan: SearchPlan, rows: list[TrialRow], directory: Path) -> list
 def plot_val_loss(plan: SearchPlan, dim: Dimension, rows: list[TrialRow], path: Path) -> Path | None:
     """val_loss against one setting, like the paper's Fig. 2: every trial that ran the whole
     budget, the best per choice joined; trials ASHA stopped hollow (after fewer steps)."""
-    import matplotlib
+    from jobs.tracking import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     def x(row: TrialRow) -> float:
         sampled = row.params[dim.name]
         return list(dim.choices).index(sampled) if dim.range is None else float(sampled)
@@ -126,16 +124,15 @@ def plot_val_loss(plan: SearchPlan, dim: Dimension, rows: list[TrialRow], path: 
     ax.set_title(f"{plan.name}: {METRIC} vs {dim.name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_importances(study: optuna.Study, path: Path) -> Path | None:
     """Optuna's parameter importances (PED-ANOVA by default) over the trials that completed the
     budget; None with fewer than two of them."""
     from optuna.visualization.matplotlib import plot_param_importances
+
+    from jobs.tracking import save_figure
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
@@ -145,12 +142,7 @@ def plot_importances(study: optuna.Study, path: Path) -> Path | None:
         ax = plot_param_importances(study)
     ax.set_title(f"{study.study_name}: importance for {METRIC} ({len(complete)} trials that ran all steps)")
     ax.figure.set_size_inches(7, 0.5 * len(study.best_trial.params) + 2)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(ax.figure)
-    return path
+    return save_figure(ax.figure, path)
 
 
 def write_best_config(plan: SearchPlan, best: TrialRow, path: Path) -> Path:

@@ -168,12 +168,26 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> tuple[list[in
     return steps, [by_step[s] for s in steps]
 
 
-def plot_curves(client: MlflowClient, run_id: str, keys: Iterable[str], title: str, path: Path) -> Path | None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: jobs run headless, on workers and in CI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Every plot the platform logs is saved alike, and its figure freed (jobs draw many)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(client: MlflowClient, run_id: str, keys: Iterable[str], title: str, path: Path) -> Path | None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
     for key in keys:
@@ -188,19 +202,13 @@ def plot_curves(client: MlflowClient, run_id: str, keys: Iterable[str], title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_expert_load(client: MlflowClient, run_id: str, layers: list[int], num_experts: int,
                      path: Path) -> Path | None:
     """One panel per MoE layer: each expert's share of routed tokens over training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not layers:
         return None
@@ -218,7 +226,4 @@ def plot_expert_load(client: MlflowClient, run_id: str, layers: list[int], num_e
         ax.axis("off")
     axes[0][0].set_ylabel("share of tokens")
     fig.suptitle("MoE expert load (dashed: uniform)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
