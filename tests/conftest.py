@@ -20,6 +20,10 @@ from unittest import mock
 
 import pytest
 
+# gcsfs by default first asks a bucket's type over gRPC, which an emulator does not speak (each call
+# would wait out a 60 s timeout). Read when gcsfs is imported; Ray workers started here inherit it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 RCRS_FASTA = ROOT / "jobs" / "manifests" / "data" / "rCRS.fasta"
 VENV_BIN = Path(sys.executable).parent
@@ -98,6 +102,31 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         wait_for_http(endpoint, process)
         with mock.patch.dict(os.environ, env):
             yield S3Server(endpoint, env)
+    finally:
+        stop(process)
+        log.close()
+
+
+@dataclass(frozen=True)
+class GcsServer:
+    endpoint_url: str
+
+    def filesystem(self):
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(endpoint_url=self.endpoint_url, token="anon", skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
+    """gcp-storage-emulator's GCS JSON API in its own process on 127.0.0.1, in memory."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "gcs.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen([str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1",
+                                "--port", str(port), "--in-memory"], stdout=log, stderr=log)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/storage/v1/b?project=test", process)
+        yield GcsServer(f"http://127.0.0.1:{port}")
     finally:
         stop(process)
         log.close()

@@ -239,6 +239,21 @@ def test_ncbi_package_with_its_bundled_annotation(ray_cluster, tmp_path):
 
 
 @pytest.mark.services
+def test_gcs_input_through_a_storage_rule(ray_cluster, gcs_server, tmp_path):
+    """gs:// reaches gcsfs with the rule's endpoint and anonymous access, in the Ray tasks too."""
+    fs = gcs_server.filesystem()
+    fs.mkdir("genomes")
+    fs.put(str(RCRS_FASTA), "genomes/rCRS.fasta")
+    settings = {"seq_len": 1000, "strand": "forward", "val_fraction": 0, "group_shares": {"human": 1.0}}
+    rule = {"prefix": "gs://genomes/", "endpoint_url": gcs_server.endpoint_url, "anon": True}
+    remote = run(TokenizeConfig(inputs=[{**RCRS, "url": "gs://genomes/rCRS.fasta"}], output=str(tmp_path / "gs"),
+                                storage=[rule], **settings))
+    local = run(TokenizeConfig(inputs=[RCRS], output=str(tmp_path / "local"), **settings))
+    assert remote.inputs[0].url == "gs://genomes/rCRS.fasta" and remote.totals == local.totals
+    assert read_split(tmp_path / "gs", "train").equals(read_split(tmp_path / "local", "train"))
+
+
+@pytest.mark.services
 def test_s3_inputs_and_output_round_trip(ray_cluster, s3_server, tmp_path):
     bucket = s3_server.make_bucket("tokenize-test")
     fs = s3_server.filesystem()
