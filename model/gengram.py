@@ -23,6 +23,7 @@ a per-position reference; benchmarks/gengram.py measures the gain.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,11 @@ class ShortConv(nn.Module):
         return F.silu(_CausalConv.apply(x, self.weight[:, 0], self.dilation)).add_(x)
 
 
+class KmerWindows(NamedTuple):
+    rows: torch.Tensor  # [B, S, |K|]: table row of the k-mer ending at each position
+    weight: torch.Tensor  # [B, S, |K|, L]: [..., t, k, o] weighs the k-mer ending at t - o in m_k[t]
+
+
 class Gengram(nn.Module):
     """residual [B, S, H] = Gengram(config)(hidden_states [B, S, H], input_ids [B, S]).
 
@@ -241,9 +247,15 @@ class Gengram(nn.Module):
         g = g.sign() * g.abs().clamp(min=GATE_FLOOR).sqrt()
         return torch.sigmoid(g)
 
-    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def windows(self, input_ids: torch.Tensor) -> KmerWindows:
+        """What the lookups need from the tokens alone: the same for every Gengram layer of a model
+        (they share one config), so GengramLM computes it once per forward and hands it to each."""
         rows, valid = self.kmer_rows(input_ids)
-        weight = self.window_weights(rows, valid, self.memory.weight.dtype)
+        return KmerWindows(rows, self.window_weights(rows, valid, self.memory.weight.dtype))
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                windows: KmerWindows | None = None) -> torch.Tensor:
+        rows, weight = windows if windows is not None else self.windows(input_ids)
         m = _WindowBag.apply(self.memory.weight, rows, weight).flatten(2)
         key, value = self.key_proj(m), self.value_proj(m)
         alpha = self.gate(hidden_states, key)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import ModelConfig
-from model.gengram import Gengram
+from model.gengram import Gengram, KmerWindows
 from model.vocab import EOD, PAD, N
 
 
@@ -152,9 +152,10 @@ class Block(nn.Module):
             else DenseFeedForward(config.hidden_size, config.ffn_hidden_size)
         )
 
-    def forward(self, x: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, FFNOutput]:
+    def forward(self, x: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor,
+                windows: KmerWindows | None = None) -> tuple[Tensor, FFNOutput]:
         if self.gengram is not None:
-            x = x + self.gengram(x, input_ids)
+            x = x + self.gengram(x, input_ids, windows)
         x = x + self.attn(self.attn_norm(x), cos, sin)
         ffn = self.ffn(self.ffn_norm(x))
         return x + ffn.out, ffn
@@ -211,10 +212,12 @@ class GengramLM(nn.Module):
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rotary(S, input_ids.device)
         x = self.embed(input_ids)
+        gengrams = [layer.gengram for layer in self.layers if layer.gengram is not None]
+        windows = gengrams[0].windows(input_ids) if gengrams else None
         aux_losses, z_losses = [], []
         output = LMOutput(logits=x)
         for layer in self.layers:
-            x, ffn = layer(x, input_ids, cos, sin)
+            x, ffn = layer(x, input_ids, cos, sin, windows)
             if ffn.aux_loss is not None:
                 aux_losses.append(ffn.aux_loss)
                 z_losses.append(ffn.z_loss)

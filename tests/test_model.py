@@ -7,6 +7,7 @@ import torch
 
 from model import GengramLM, ModelConfig, flavour, parameter_counts
 from model.config import GengramConfig
+from model.transformer import Block
 from model.vocab import EOD, PAD, VOCAB_SIZE, N
 
 
@@ -56,6 +57,28 @@ def test_gradients_reach_gengram_and_only_configured_layers_hold_it():
     for name, param in model.named_parameters():
         if ".gengram." in name:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_gengram_layers_share_the_token_windows_the_model_computes_once(monkeypatch):
+    """GengramLM hands every Gengram layer the k-mer rows and window weights it computed once;
+    each layer computing its own from the tokens gives the same residuals, gradients included."""
+    torch.manual_seed(0)
+    model = GengramLM(tiny(gengram=GengramConfig(window_size=12, ngram_sizes=(1, 2, 3), pooling="unique")))
+    ids = random_ids(2, 40)
+    ids[0, 5:9] = N
+    hidden = torch.randn(2, 40, 64, requires_grad=True)
+    first, last = model.layers[0].gengram, model.layers[2].gengram
+    shared = first.windows(ids)
+    for gengram in (first, last):
+        torch.testing.assert_close(gengram(hidden, ids, shared), gengram(hidden, ids), rtol=0, atol=0)
+    model(ids).loss.backward()
+    with_shared = {name: p.grad.clone() for name, p in model.named_parameters() if ".gengram." in name}
+    model.zero_grad()
+    block_forward = Block.forward  # the same model, each layer computing its own windows
+    monkeypatch.setattr(Block, "forward", lambda self, x, ids, cos, sin, windows: block_forward(self, x, ids, cos, sin))
+    model(ids).loss.backward()
+    for name, grad in with_shared.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=0, atol=0)
 
 
 def test_all_ignored_targets_give_zero_loss_with_a_graph():
