@@ -100,6 +100,16 @@ def test_two_workers_with_expert_parallelism_train_and_track(dataset, mlflow_ser
     scores = served.predict({"sequence": ["ACGTACGTNNACGT" * 8, "GATTACA" * 20]})
     assert np.isfinite(scores["loss"]).all()
 
+    # Continued pretraining (the paper's 32k stage): a new run from the exported model, with a
+    # longer context, starts at the loss the first run ended with, not at a fresh model's.
+    continued = run(load_config(PretrainConfig, QUICKSTART, short_run(
+        dataset, tmp_path / "continued", mlflow_server.tracking_uri, "run_name=continued", "train.max_steps=2",
+        "train.log_every=1", f"model.init_from={result.model_path}", "model.overrides.max_seq_len=8192",
+        "tracking.registered_model=null", "tracking.experiment=test-main")))
+    first_loss = min(client.get_metric_history(continued.run_id, "loss"), key=lambda m: m.step).value
+    assert abs(first_loss - losses[-1]) < 0.15 < losses[0] - first_loss, (first_loss, losses)
+    assert client.get_run(continued.run_id).data.params["model.init_from"] == result.model_path
+
 
 def registered_checkpoints(snapshot: str) -> list:
     """Checkpoints Ray Train has registered for a run (its checkpoint manager's snapshot):
