@@ -46,6 +46,7 @@ from jobs.config import (
 )
 from jobs.pretrain_config import PretrainConfig, validate
 from jobs.storage import PROJECT_HOME_VARIABLE, absolute, join
+from model.config import ModelConfig
 
 if TYPE_CHECKING:
     from jobs.search_report import TrialRow
@@ -337,6 +338,9 @@ class SearchPlan:
     trial_base: dict[str, Any]  # what every trial runs before its sampled values
     dims: list[Dimension]
     points: list[dict[str, Any]]  # points_to_evaluate as Optuna stores them
+    base_config: PretrainConfig  # `base` and `trial_base` as checked
+    trial_base_config: PretrainConfig
+    model: ModelConfig  # the base config's model
     home: str = field(default_factory=lambda: absolute(""))  # where the driver resolves relative paths
     parent_run_id: str | None = None
     tracking_uri: str | None = None
@@ -401,14 +405,15 @@ def plan_search(config: TuneConfig) -> SearchPlan:
     base = read_yaml(config.pretrain.config) if config.pretrain.config else {}
     base = with_values(base, flatten(config.pretrain.overrides))
     source = config.pretrain.config or "pretraining defaults"
-    model = validate(checked(base, f"{source} + pretrain.overrides"))
+    base_config = checked(base, f"{source} + pretrain.overrides")
+    model = validate(base_config)
     trial_base = with_values(base, {
         **flatten(config.trial.overrides),
         "train.max_steps": config.trial.max_steps,
         "train.eval_every": config.trial.eval_every,
         "tracking.registered_model": None,  # the best config registers its model, not every trial
     })
-    checked(trial_base, "trial config (base + trial.overrides)")
+    trial_base_config = checked(trial_base, "trial config (base + trial.overrides)")
     dims = build_space(config.space, model.num_layers)
 
     problems = invalid_values(dims, (trial_base, base))
@@ -426,7 +431,7 @@ def plan_search(config: TuneConfig) -> SearchPlan:
             points.append({dim.name: dim.encode(point[dim.name]) for dim in dims})
         except ValueError as error:
             raise ConfigError(f"search.points_to_evaluate[{index}]: {error}") from None
-    return SearchPlan(config, base, trial_base, dims, points)
+    return SearchPlan(config, base, trial_base, dims, points, base_config, trial_base_config, model)
 
 
 # ----------------------------------------------------------------------------- the trial
@@ -508,6 +513,13 @@ def trial_dirname(trial) -> str:
 # ----------------------------------------------------------------------------- MLflow
 
 OUTCOME_TAG = "tune.outcome"
+
+
+OUTCOMES = ("completed", "stopped_early", "error")
+
+
+def outcome_counts(rows: list[TrialRow]) -> dict[str, int]:
+    return {name: sum(row.outcome == name for row in rows) for name in OUTCOMES}
 
 
 def outcome(result: Mapping[str, Any] | None, error: bool) -> str:
@@ -594,7 +606,7 @@ def required_cpus(plan: SearchPlan) -> int:
     """Logical CPUs for a local cluster: max_concurrent_trials trials, each its driver and its run's needs."""
     from jobs.pretrain import required_cpus as run_cpus
 
-    per_trial = plan.config.trial.driver_cpus + run_cpus(checked(plan.trial_base, "trial config"))
+    per_trial = plan.config.trial.driver_cpus + run_cpus(plan.trial_base_config)
     return math.ceil(plan.config.search.max_concurrent_trials * per_trial)
 
 
@@ -602,16 +614,17 @@ class SearchInterrupted(RuntimeError):
     """Tune stopped before every trial ended (Ctrl-C, `ray job stop`); its state is saved."""
 
 
-def continues_earlier_search(config: TuneConfig, base: PretrainConfig, client, experiment_id: str, study_url: str,
-                             storage_path: str, storage_fs) -> bool:
+def continues_earlier_search(plan: SearchPlan, client, experiment_id: str, study_url: str, storage_path: str,
+                             storage_fs) -> bool:
     """Whether a saved Tune experiment of this name is there to restore. fresh=true first removes
     it and the Optuna study and sets earlier MLflow runs of the name aside; without it, a new
     search refuses to start over such leftovers of an earlier one."""
     from jobs.storage import filesystem
     from jobs.tracking import RUN_NAME_TAG
 
-    experiment_url = join(absolute(config.storage), config.name)
-    experiment_fs, experiment_path = filesystem(experiment_url, base.storage_options(experiment_url))
+    config = plan.config
+    experiment_fs, experiment_path = filesystem(plan.experiment_url,
+                                                plan.base_config.storage_options(plan.experiment_url))
     parents = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{config.name}'")
     study_exists = config.name in optuna.study.get_all_study_names(study_url)
     if config.fresh:
@@ -670,15 +683,15 @@ def run(config: TuneConfig) -> SearchResult:
 
     started = time.monotonic()
     plan = plan_search(config)
-    base = checked(plan.base, "base config")
-    check_dataset(base, validate(base))
+    base = plan.base_config
+    check_dataset(base, plan.model)
     plan.tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)
     tracking.preflight(plan.tracking_uri, base.tracking.preflight_timeout_s)
     client = MlflowClient(plan.tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, base.tracking.experiment, base.tracking.artifact_root)
     storage_path, storage_fs = pyarrow_filesystem(absolute(config.storage), base.storage_options(config.storage))
     study_url = study_storage(config)
-    restoring = continues_earlier_search(config, base, client, experiment_id, study_url, storage_path, storage_fs)
+    restoring = continues_earlier_search(plan, client, experiment_id, study_url, storage_path, storage_fs)
 
     params = tracking.params_from_config(config_to_dict(config))
     tags = {"tune.search_hash": search_hash(config), "tune.experiment_path": plan.experiment_url,
@@ -718,7 +731,7 @@ def summary(result: SearchResult) -> str:
              f"  MLflow parent run: {result.parent_run_id} ({result.tracking_uri})",
              f"  Tune experiment:   {result.experiment_path}",
              f"  Optuna study:      {result.name} in {result.study_storage}"]
-    counts = {name: sum(row.outcome == name for row in result.rows) for name in ("completed", "stopped_early", "error")}
+    counts = outcome_counts(result.rows)
     lines.append("  trials:            " + ", ".join(f"{count} {name.replace('_', ' ')}"
                                                     for name, count in counts.items()))
     if result.best:

@@ -16,7 +16,16 @@ import optuna
 import yaml
 
 from jobs.config import config_to_dict
-from jobs.search import METRIC, Dimension, SearchPlan, child_runs, close_trial_run, outcome, study_storage
+from jobs.search import (
+    METRIC,
+    Dimension,
+    SearchPlan,
+    child_runs,
+    close_trial_run,
+    outcome,
+    outcome_counts,
+    study_storage,
+)
 
 
 def training_seconds(client, run_id: str) -> float | None:
@@ -179,7 +188,7 @@ def report(plan: SearchPlan, grid, client, experiment_id: str) -> tuple[list[Tri
         for plot in filter(None, plots):
             client.log_artifact(plan.parent_run_id, str(plot), artifact_path="plots")
         logged = [path.name for path in files] + [f"plots/{plot.name}" for plot in plots if plot]
-    counts = {name: sum(row.outcome == name for row in rows) for name in ("completed", "stopped_early", "error")}
+    counts = outcome_counts(rows)
     log_metrics(client, plan.parent_run_id, {f"trials_{name}": count for name, count in counts.items()}, step=0)
     if best is not None:
         log_metrics(client, plan.parent_run_id, {f"best_{METRIC}": best.val_loss}, step=0)
