@@ -15,6 +15,8 @@ from model.vocab import VOCAB_SIZE
 
 Pooling = Literal["mean", "unique"]
 POOLING_MODES: tuple[str, ...] = ("mean", "unique")
+InitScheme = Literal["megatron", "flat"]
+INIT_SCHEMES: tuple[str, ...] = ("megatron", "flat")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,19 @@ class ModelConfig:
 
     Layer ids are 1-based, as in the paper ("Gengram at layers 3, 6, 10").
     num_experts <= 1 makes every FFN dense; otherwise `moe_layers` (None = all) are MoE.
+
+    Routing is dropless (drop_tokens=False), as in the released Megatron run, which sets no expert
+    capacity: a token's experts then depend on that token alone, so the LM stays causal and a
+    sequence's logits do not depend on the rest of its batch. drop_tokens=True caps every expert at
+    max(min_capacity, ceil(tokens / num_experts * capacity_factor * top_k)) routes of the micro-batch
+    (eval_capacity_factor in eval mode) and drops the rest: a throughput option for training only,
+    never for evaluation or export (see `drops_tokens` and `dropless()`).
+
+    init_scheme "megatron" is the released run's: N(0, init_std) for every weight matrix except the
+    projections that write into the residual stream (attention o_proj, every FFN and expert
+    down_proj), which get N(0, init_std / sqrt(2 * num_layers)); Gengram keeps PyTorch's defaults,
+    as the authors' fork does. "flat" is N(0, init_std) for every weight matrix, Gengram's included.
+    Norm weights start at 1 in both.
     """
 
     vocab_size: int = VOCAB_SIZE
@@ -84,7 +99,8 @@ class ModelConfig:
     max_seq_len: int = 8192
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    init_std: float = 0.01
+    init_std: float = 0.01  # the released training script's --init-method-std
+    init_scheme: InitScheme = "megatron"
     # Attention kernel: "sdpa" lets PyTorch pick (flash / memory-efficient on GPU, math on
     # CPU); "math" forces the reference kernel, e.g. for bit-exact debugging.
     attention_backend: Literal["sdpa", "math"] = "sdpa"
@@ -96,12 +112,14 @@ class ModelConfig:
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
-    drop_tokens: bool = True
-    # DeepSpeed's top-2 gate may pick the second expert by Gumbel sampling, even in eval
-    # mode; off by default so that evaluation and checkpoint round trips are deterministic.
+    drop_tokens: bool = False
+    # DeepSpeed's top-2 gate may pick the second expert by Gumbel sampling, in eval mode as in
+    # training; off by default: a causal LM routes every position deterministically.
     moe_second_expert_sampling: bool = False
     ep_size: int = 1
-    aux_loss_coef: float = 0.001  # the released training script's --moe-aux-loss-coeff
+    # The released training script's --moe-aux-loss-coeff and --moe-z-loss-coeff: each MoE layer's
+    # loss enters the total with the full coefficient.
+    aux_loss_coef: float = 0.001
     z_loss_coef: float = 0.001
 
     gengram: GengramConfig | None = field(default_factory=GengramConfig)
@@ -138,6 +156,8 @@ class ModelConfig:
                 )
             if len(set(ids)) != len(ids):
                 raise ValueError(f"model.{name} repeats a layer: {ids}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"model.init_scheme={self.init_scheme!r} is unknown; choose one of {INIT_SCHEMES}")
         if self.is_moe:
             if not 1 <= self.moe_top_k <= self.num_experts:
                 raise ValueError(f"model.moe_top_k={self.moe_top_k} must lie in 1..num_experts={self.num_experts}")
@@ -157,6 +177,15 @@ class ModelConfig:
     @property
     def has_gengram(self) -> bool:
         return self.gengram is not None and bool(self.gengram_layers)
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether MoE routing drops routes beyond expert capacity (then not causal: see the class doc)."""
+        return self.is_moe and self.drop_tokens
+
+    def dropless(self) -> ModelConfig:
+        """This config with dropless routing; the weights are the same, so a state dict loads into either."""
+        return dataclasses.replace(self, drop_tokens=False)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.is_moe and (self.moe_layers is None or layer_id in self.moe_layers)
@@ -197,7 +226,7 @@ _DEBUG = ModelConfig(
     num_experts=4,
     moe_top_k=2,
     moe_ffn_hidden_size=256,
-    capacity_factor=2.0,
+    capacity_factor=2.0,  # these two apply only when drop_tokens is switched on
     eval_capacity_factor=2.0,
     gengram=GengramConfig(embed_dim_per_ngram=16),
     gengram_layers=(2, 3),
@@ -232,6 +261,8 @@ _GENGRAM_10B = ModelConfig(
     gengram_layers=(3, 6, 10),
 )
 
+# Every flavour routes dropless, without second-expert sampling, and starts from the Megatron init
+# (the ModelConfig defaults).
 FLAVOURS: dict[str, ModelConfig] = {
     "debug": _DEBUG,
     "baseline-debug": _gengram_twin(_DEBUG),

@@ -198,9 +198,15 @@ class Gengram(nn.Module):
         self.last_real: torch.Tensor | None = None  # non-PAD positions of the last forward
         self.reset_parameters()
 
-    def reset_parameters(self, init_std: float = 0.01) -> None:
-        for weight in (self.memory.weight, self.key_proj.weight, self.value_proj.weight):
-            nn.init.normal_(weight, mean=0.0, std=init_std)
+    def reset_parameters(self, init_std: float | None = None) -> None:
+        """PyTorch's defaults, which the authors' fork keeps: table N(0, 1), projections
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)); or, given init_std, N(0, init_std) for all three.
+        Norm weights 1 and the conv's default init either way."""
+        for module in (self.memory, self.key_proj, self.value_proj):
+            if init_std is None:
+                module.reset_parameters()
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=init_std)
         self.norm_q.reset_parameters()
         self.norm_k.reset_parameters()
         if self.short_conv is not None:

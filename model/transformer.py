@@ -7,7 +7,12 @@
         x = x + FFN(RMSNorm(x))              (dense SwiGLU, or DeepSpeed MoE of SwiGLU experts)
     logits = lm_head(RMSNorm(x))
 
-    loss = LM + aux_coef * mean_l(aux_l) + z_coef * mean_l(z_l)
+    loss = LM + aux_coef * sum_l(aux_l) + z_coef * sum_l(z_l)          (l over the MoE layers)
+    aux_l = E / (k * T^2) * sum_e (sum_t p[t, e]) * n_e                  (1 at perfect balance)
+    z_l   = mean_t logsumexp(router_logits[t])^2
+
+with p the router's softmax over all E experts, n_e the routes (top-k choices) to expert e and T the
+micro-batch's tokens: the released Megatron run's losses, each layer's with the full coefficient.
 
 The model knows nothing of parallelism or training loops: DeepSpeed wraps it from outside,
 and the MoE layer gets its expert-parallel groups from `deepspeed.initialize`.
@@ -15,6 +20,7 @@ and the MoE layer gets its expert-parallel groups from `deepspeed.initialize`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -96,13 +102,15 @@ class FFNOutput:
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
     expert_counts: Tensor | None = None
+    dropped_fraction: Tensor | None = None
 
 
 class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer over SwiGLU experts, plus the router z-loss it lacks."""
+    """DeepSpeed's MoE layer over SwiGLU experts, with the released Megatron run's router losses."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.top_k = config.moe_top_k
         # Imported here so that dense models, and `import model`, do not pay DeepSpeed's import.
         from deepspeed.moe.layer import MoE
 
@@ -123,13 +131,44 @@ class MoEFeedForward(nn.Module):
     def router(self) -> nn.Linear:
         return self.moe.deepspeed_moe.gate.wg
 
+    @property
+    def gate(self) -> nn.Module:
+        return self.moe.deepspeed_moe.gate
+
     def forward(self, x: Tensor) -> FFNOutput:
-        out, aux_loss, expert_counts = self.moe(x)
-        # DeepSpeed's gate does not hand out its logits, so recompute them (an H x E matmul,
-        # negligible next to the experts) for the z-loss: mean over tokens of logsumexp^2.
-        router_logits = F.linear(x.float(), self.router.weight.float())
-        z_loss = torch.logsumexp(router_logits, dim=-1).square().mean()
-        return FFNOutput(out, aux_loss, z_loss, expert_counts)
+        # DeepSpeed's own l_aux is not used: its top-2 gate counts each token's first choice only.
+        out, _, expert_counts = self.moe(x)
+        # Nor does its gate hand out its logits: recompute them as it does, in fp32 (an H x E
+        # matmul, negligible next to the experts), for both router losses.
+        logits = F.linear(x.float(), self.router.weight.float()).flatten(0, -2)  # [T, E]
+        T, E = logits.shape
+        # Megatron's switch load-balancing loss counts both top-k choices of every token:
+        #   aux = E / (k * T^2) * sum_e (sum_t p[t, e]) * n_e
+        # p the softmax over all E experts (not only the chosen ones), n_e the routes to expert e
+        # before any capacity limit. n_e is a count: the gradient reaches the router through p.
+        probs = logits.softmax(dim=-1)
+        routes = torch.zeros_like(probs).scatter_(1, probs.topk(self.top_k, dim=-1).indices, 1.0)
+        aux_loss = E / (self.top_k * T * T) * (probs.sum(0) * routes.sum(0)).sum()
+        # ST-MoE's router z-loss keeps the logits small: mean over tokens of logsumexp^2.
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return FFNOutput(out, aux_loss, z_loss, expert_counts, self.dropped_fraction(expert_counts, T))
+
+    def dropped_fraction(self, expert_counts: Tensor, num_tokens: int) -> Tensor | None:
+        """Share of this forward's routes (token, expert choice) that expert capacity dropped; None if dropless.
+
+        DeepSpeed's gate counts every route in exp_counts before it applies the capacity C, then keeps
+        min(n_e, C) routes of expert e (for top-2 the first C in token order, first choices ahead of
+        second ones): so sum_e max(n_e - C, 0) routes are dropped. C as the gate computes it (in fp32):
+        max(min_capacity, ceil(T / E * capacity_factor * k)), eval_capacity_factor in eval mode.
+        """
+        gate = self.gate
+        if not gate.drop_tokens:
+            return None
+        factor = gate.capacity_factor if self.training else gate.eval_capacity_factor
+        capacity = torch.ceil(num_tokens / len(expert_counts) * torch.tensor(factor * self.top_k))
+        capacity = capacity.clamp(min=gate.min_capacity).to(expert_counts.device)
+        dropped = (expert_counts - capacity).clamp(min=0).sum()
+        return (dropped / expert_counts.sum().clamp(min=1)).detach()
 
 
 class DenseFeedForward(SwiGLU):
@@ -165,7 +204,12 @@ class Block(nn.Module):
 class LMOutput:
     """Logits, the loss and its parts, and what training logs about experts and gates.
 
-    expert_counts: MoE layer id -> tokens routed to each expert [E] (this rank's tokens).
+    loss = lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss, where aux_loss and z_loss are
+    sums over the MoE layers (0 for a dense model); these four are computed with compute_loss only.
+    Per layer, detached scalars, keyed by MoE layer id (this rank's tokens):
+    aux_loss_by_layer, z_loss_by_layer: that layer's aux_l and z_l (see the module doc).
+    expert_counts: routes to each expert [E], before any capacity limit (top-k choices of every token).
+    dropped_fraction: share of that layer's routes dropped by expert capacity; empty when dropless.
     gate_stats: Gengram layer id -> {"gate_mean", "gate_open_fraction"} (detached scalars).
     """
 
@@ -174,7 +218,10 @@ class LMOutput:
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
+    aux_loss_by_layer: dict[int, Tensor] = field(default_factory=dict)
+    z_loss_by_layer: dict[int, Tensor] = field(default_factory=dict)
     expert_counts: dict[int, Tensor] = field(default_factory=dict)
+    dropped_fraction: dict[int, Tensor] = field(default_factory=dict)
     gate_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
@@ -189,11 +236,28 @@ class GengramLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed
         ignored = [PAD] + [N] * config.ignore_n_targets + [EOD] * config.ignore_eod_targets
         self.register_buffer("ignored_targets", torch.tensor(ignored), persistent=False)
-        self.apply(self._init_weights)
+        self._init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+    def _init_weights(self) -> None:
+        """N(0, init_std) for every weight matrix (embedding, projections, experts, router, LM head) and
+        norm weights 1; init_scheme "megatron" then gives the released run's exceptions (ModelConfig)."""
+        config = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+        if config.init_scheme != "megatron":
+            return
+        # Megatron's output_layer_init_method: the residual stream sums 2L of these projections.
+        out_std = config.init_std / math.sqrt(2 * config.num_layers)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std)
+            elif isinstance(module, SwiGLU):  # dense FFNs and every expert
+                nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std)
+            elif isinstance(module, Gengram):
+                module.reset_parameters()  # PyTorch's defaults, which the authors' fork keeps
 
     def lm_loss(self, logits: Tensor, input_ids: Tensor) -> Tensor:
         """Next-token cross-entropy over targets that are not ignored (always PAD)."""
@@ -221,15 +285,20 @@ class GengramLM(nn.Module):
             if ffn.aux_loss is not None:
                 aux_losses.append(ffn.aux_loss)
                 z_losses.append(ffn.z_loss)
+                output.aux_loss_by_layer[layer.layer_id] = ffn.aux_loss.detach()
+                output.z_loss_by_layer[layer.layer_id] = ffn.z_loss.detach()
                 output.expert_counts[layer.layer_id] = ffn.expert_counts
+                if ffn.dropped_fraction is not None:
+                    output.dropped_fraction[layer.layer_id] = ffn.dropped_fraction
             if layer.gengram is not None:
                 output.gate_stats[layer.layer_id] = layer.gengram.gate_stats()
         output.logits = self.lm_head(self.norm(x))
         if compute_loss:
             zero = output.logits.new_zeros((), dtype=torch.float32)
             output.lm_loss = self.lm_loss(output.logits, input_ids)
-            output.aux_loss = torch.stack(aux_losses).mean() if aux_losses else zero
-            output.z_loss = torch.stack(z_losses).mean() if z_losses else zero
+            # Summed, not averaged, over layers: Megatron attaches each layer's with the full coefficient.
+            output.aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
+            output.z_loss = torch.stack(z_losses).sum() if z_losses else zero
             output.loss = (
                 output.lm_loss
                 + self.config.aux_loss_coef * output.aux_loss

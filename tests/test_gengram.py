@@ -264,9 +264,13 @@ def test_state_dict_names_and_shapes():
 
 
 def test_init():
+    """PyTorch's defaults, as the authors' fork keeps them; or N(0, init_std) on request."""
     module = Gengram(GengramConfig(hidden_size=256, embed_dim_per_ngram=64))
-    for p in (module.memory.weight, module.key_proj.weight, module.value_proj.weight):
-        assert abs(p.std().item() - 0.01) < 0.001
+    fan_in = 6 * 64
+    assert abs(module.memory.weight.std().item() - 1.0) < 0.01
+    for p in (module.key_proj.weight, module.value_proj.weight):
+        assert abs(p.std().item() * math.sqrt(3 * fan_in) - 1) < 0.02  # U(+-1/sqrt(fan_in))
     assert torch.equal(module.norm_q.weight, torch.ones(256))
     module.reset_parameters(init_std=0.02)
-    assert abs(module.memory.weight.std().item() - 0.02) < 0.002
+    for p in (module.memory.weight, module.key_proj.weight, module.value_proj.weight):
+        assert abs(p.std().item() - 0.02) < 0.002

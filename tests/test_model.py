@@ -31,8 +31,10 @@ def test_forward_returns_logits_and_loss_parts():
     expected = out.lm_loss + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
     torch.testing.assert_close(out.loss, expected)
     # Every layer of the debug flavour is MoE; counts are top-2 assignments of all 128 tokens.
-    assert sorted(out.expert_counts) == [1, 2, 3]
+    assert sorted(out.expert_counts) == sorted(out.aux_loss_by_layer) == sorted(out.z_loss_by_layer) == [1, 2, 3]
     assert all(int(counts.sum()) == 2 * 2 * 64 for counts in out.expert_counts.values())
+    torch.testing.assert_close(out.aux_loss, sum(out.aux_loss_by_layer.values()))  # a sum over layers
+    assert out.dropped_fraction == {}  # dropless
     assert sorted(out.gate_stats) == [1, 3]
     for stats in out.gate_stats.values():
         assert 0.0 <= float(stats["gate_mean"]) <= 1.0
@@ -125,6 +127,7 @@ def test_model_is_causal():
         ({"gengram_layers": (5,)}, "gengram_layers"),
         ({"num_heads": 3}, "num_heads"),
         ({"ep_size": 3}, "ep_size"),
+        ({"init_scheme": "xavier"}, "init_scheme"),
         ({"no_such_key": 1}, "no_such_key"),
     ],
 )
