@@ -58,9 +58,10 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
-	$(PY) benchmarks/gengram.py
+	$(PY) benchmarks/gengram_module.py
 
 clean-state:
 	rm -rf state

@@ -17,7 +17,7 @@ Every [B, S, H] temporary costs real time on CPU (at S=8192, H=1024 a fresh 32 M
 longer to fault in than the arithmetic on it), so three steps have hand-written backwards that
 keep far fewer of them than autograd would: the window pooling, the gate's sums over H, and the
 causal conv. tests/test_gengram.py checks each against finite differences and the module against
-a per-position reference; benchmarks/gengram.py measures the gain.
+a per-position reference; benchmarks/gengram_module.py measures the gain.
 """
 
 from __future__ import annotations

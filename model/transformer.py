@@ -20,6 +20,8 @@ and the MoE layer gets its expert-parallel groups from `deepspeed.initialize`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 import math
 from dataclasses import dataclass, field
 
@@ -258,6 +260,21 @@ class GengramLM(nn.Module):
                 nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std)
             elif isinstance(module, Gengram):
                 module.reset_parameters()  # PyTorch's defaults, which the authors' fork keeps
+
+    @contextlib.contextmanager
+    def dropless_routing(self) -> Iterator[GengramLM]:
+        """Route without expert capacity inside the block, whatever the config says: evaluating or
+        exporting a model trained with capacity dropping must not depend on the batch. The gates
+        read drop_tokens at every forward, so nothing else changes."""
+        gates = [module.gate for module in self.modules() if isinstance(module, MoEFeedForward)]
+        saved = [gate.drop_tokens for gate in gates]
+        for gate in gates:
+            gate.drop_tokens = False
+        try:
+            yield self
+        finally:
+            for gate, drop_tokens in zip(gates, saved, strict=True):
+                gate.drop_tokens = drop_tokens
 
     def lm_loss(self, logits: Tensor, input_ids: Tensor) -> Tensor:
         """Next-token cross-entropy over targets that are not ignored (always PAD)."""

@@ -25,7 +25,7 @@ import pytest
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-RCRS_FASTA = ROOT / "jobs" / "manifests" / "data" / "rCRS.fasta"
+RCRS_FASTA = ROOT / "jobs" / "assemblies" / "data" / "rCRS.fasta"
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -402,7 +402,7 @@ def test_make_quickstart_in_a_fresh_clone(tmp_path):
     env, marker = clean_env(GENGRAM_E2E_QUICKSTART=tag), f"GENGRAM_E2E_QUICKSTART={tag}"
     command = ["make", "quickstart"]
     if pid_namespace_works():
-        # The jobs join any Ray cluster running on the machine (jobs/cluster.py: address="auto" finds
+        # The jobs join any Ray cluster running on the machine (jobs/common/ray_session.py: address="auto" finds
         # one by the process table), e.g. another developer's or this pytest session's. A PID
         # namespace gives `make quickstart` the process table of a fresh machine; when make ends,
         # the kernel ends every process in it, and --kill-child ends make when the timeout kills unshare.

@@ -130,7 +130,7 @@ def test_dockerignore_lets_in_only_the_sources_the_image_copies():
         return spec.match_file(path)
 
     for kept in ["pyproject.toml", "README.md", "model/vocab.py", "jobs/config.py",
-                 "jobs/manifests/data/rCRS.fasta", "jobs/configs/pretrain-quickstart.yaml"]:  # fmt: skip
+                 "jobs/assemblies/data/rCRS.fasta", "jobs/configs/pretrain-quickstart.yaml"]:  # fmt: skip
         assert not ignored(kept), kept
     for dropped in ["state/checkpoints/x.pt", ".venv/bin/python", ".git/config", ".env",
                     "tests/conftest.py", "jobs/.env", "model/secret.txt", "jobs/credentials",
@@ -164,10 +164,10 @@ SYNTHETIC_TREE = {
     "jobs/tokenize.py": True,  # a job named like a credential pattern must still go up
     "model/vocab.py": True,
     "jobs/configs/tokenize-quickstart.yaml": True,
-    "jobs/manifests/data/rCRS.fasta": True,
-    "jobs/manifests/data/generated/toy-genome.fa.gz": True,
-    "jobs/manifests/data/.env": False,
-    "jobs/manifests/data/id_rsa": False,
+    "jobs/assemblies/data/rCRS.fasta": True,
+    "jobs/assemblies/data/generated/toy-genome.fa.gz": True,
+    "jobs/assemblies/data/.env": False,
+    "jobs/assemblies/data/id_rsa": False,
     "genome.fa.gz": False,
     "data/hg38.fa": False,
     "jobs/assemblies/GCF_000001405.zip": False,
@@ -237,7 +237,7 @@ def test_rayignore_prunes_heavy_directories_without_walking_them():
         "x/__pycache__",
     ]:
         assert spec.match_file(directory), directory
-    for directory in ["jobs", "model", "jobs/manifests", "jobs/manifests/data", "jobs/configs"]:
+    for directory in ["jobs", "model", "jobs/assemblies", "jobs/assemblies/data", "jobs/configs"]:
         assert not spec.match_file(directory), directory
 
 
@@ -245,7 +245,7 @@ def test_repository_upload_is_small_and_clean(tmp_path):
     """What `ray job submit --working-dir .` sends from this checkout right now."""
     uploaded = upload_set(ROOT, tmp_path)
     assert "jobs/__init__.py" in uploaded and "model/vocab.py" in uploaded
-    assert "jobs/manifests/data/rCRS.fasta" in uploaded
+    assert "jobs/assemblies/data/rCRS.fasta" in uploaded
     for name, size in uploaded.items():
         top = name.split("/")[0]
         assert top not in {"state", ".venv", ".git", "tmp"}, name
@@ -398,7 +398,7 @@ class TestLocalStack:
         tree = tmp_path / "tree"
         files = {
             "list_files.py": True,
-            "jobs/manifests/data/toy.fasta": True,
+            "jobs/assemblies/data/toy.fasta": True,
             ".env": False,
             "credentials": False,
             ".aws/credentials": False,
@@ -416,7 +416,7 @@ class TestLocalStack:
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
         seen = set(json.loads(re.search(r"^SEEN (.*)$", result.stdout, re.M).group(1)))
-        assert {"list_files.py", "jobs/manifests/data/toy.fasta"} <= seen
+        assert {"list_files.py", "jobs/assemblies/data/toy.fasta"} <= seen
         assert not seen & {".env", "credentials", ".aws/credentials", "service-account.json",
                            "state/checkpoints/model.pt", "genome.fa.gz"}, seen  # fmt: skip
         assert FAKE_SECRET not in output

@@ -22,13 +22,13 @@ import torch
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from jobs.config import ConfigError, load_config
-from jobs.mlflow_model import load_gengram
+from jobs.common.config import ConfigError, load_config
+from jobs.common.tracking import RUN_NAME_TAG
 from jobs.pretrain import run
-from jobs.pretrain_config import PretrainConfig
-from jobs.tokenization import TokenizeConfig
-from jobs.tokenization import run as tokenize
-from jobs.tracking import RUN_NAME_TAG
+from jobs.pretrain.config import PretrainConfig
+from jobs.tokenize import TokenizeConfig
+from jobs.tokenize import run as tokenize
+from model import exported
 
 QUICKSTART = str(ROOT / "jobs" / "configs" / "pretrain-quickstart.yaml")
 pytestmark = [pytest.mark.ray, pytest.mark.services, pytest.mark.slow]
@@ -39,7 +39,7 @@ def dataset(tmp_path_factory, ray_cluster) -> str:
     """The quickstart dataset, tokenised by the real job into a temporary directory."""
     output = str(tmp_path_factory.mktemp("data") / "quickstart")
     config = load_config(TokenizeConfig, str(ROOT / "jobs" / "configs" / "tokenize-quickstart.yaml"),
-                         [f"output={output}", f"manifest={ROOT / 'jobs' / 'manifests' / 'quickstart.yaml'}"])
+                         [f"output={output}", f"assemblies={ROOT / 'jobs' / 'assemblies' / 'quickstart.yaml'}"])
     tokenize(config)
     return output
 
@@ -89,10 +89,10 @@ def test_two_workers_with_expert_parallelism_train_and_track(dataset, mlflow_ser
 
     # The exported model, read back through MLflow, reproduces the trained engine's logits.
     mlflow.set_tracking_uri(mlflow_server.tracking_uri)
-    exported = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="final_model",
-                                                        dst_path=str(tmp_path / "download")))
-    model = load_gengram(exported)
-    reference = torch.load(exported / "reference.pt")
+    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="final_model",
+                                                          dst_path=str(tmp_path / "download")))
+    model = exported.load(exported.local(downloaded))
+    reference = torch.load(downloaded / "reference.pt")
     with torch.no_grad():
         logits = model(reference["input_ids"], compute_loss=False).logits
     torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
@@ -169,7 +169,7 @@ def test_killed_worker_resumes_from_its_s3_checkpoint(dataset, mlflow_server, s3
         state = torch.load(handle, weights_only=True)
     with fs.open(f"{result.model_path}/reference.pt", "rb") as handle:
         reference = torch.load(handle)
-    model = load_gengram(result.model_dir)
+    model = exported.load(exported.local(result.model_dir))
     model.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(reference["input_ids"], compute_loss=False).logits, reference["logits"],

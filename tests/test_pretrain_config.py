@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError, load_config
-from jobs.pretrain_config import PretrainConfig, deepspeed_config, lr_at, validate
+from jobs.common.config import ConfigError, load_config
+from jobs.pretrain.config import PretrainConfig, deepspeed_config, lr_at, validate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("pretrain-*.yaml"))
 

@@ -18,11 +18,10 @@ import yaml
 from conftest import RCRS_FASTA, ROOT
 from test_tokenize_units import ERRORS, write_error_case
 
-from jobs import genomes
-from jobs.config import ConfigError
-from jobs.dataset import load_manifest, read_eval_rows, split_paths, tokens_array
-from jobs.fasta import InputError
-from jobs.tokenization import TokenizeConfig, run, summary
+from jobs.common.config import ConfigError
+from jobs.common.dataset import load_manifest, read_eval_rows, split_paths, tokens_array
+from jobs.tokenize import TokenizeConfig, genomes, run, summary
+from jobs.tokenize.fasta import InputError
 from model.vocab import PAD, decode, reverse_complement
 
 pytestmark = pytest.mark.ray
@@ -102,7 +101,7 @@ def test_rcrs_round_trip(ray_cluster, tmp_path):
 
 def test_quickstart_is_deterministic_and_reruns_are_safe(ray_cluster, tmp_path):
     config = yaml.safe_load((ROOT / "jobs/configs/tokenize-quickstart.yaml").read_text())
-    config["manifest"] = str(ROOT / config["manifest"])
+    config["assemblies"] = str(ROOT / config["assemblies"])
     first, second = tmp_path / "first", tmp_path / "second"
     manifest = run(TokenizeConfig(**{**config, "output": str(first)}))
     run(TokenizeConfig(**{**config, "output": str(second)}))

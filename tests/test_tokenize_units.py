@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from conftest import RCRS_FASTA, ROOT
 
-from jobs import fasta, genomes, storage
-from jobs.assemblies import AssemblyList, InputSpec, load_assembly_list, ncbi_download_url
-from jobs.config import ConfigError, load_config
-from jobs.dataset import SCHEMA_VERSION, Manifest, check_compatible, load_manifest
-from jobs.fasta import InputError, Source, ncbi_member, read_fasta
-from jobs.fragments import (
+from jobs.common import storage
+from jobs.common.config import ConfigError, build_config, load_config
+from jobs.common.dataset import SCHEMA_VERSION, Manifest, check_compatible, load_manifest
+from jobs.tokenize import TokenizeConfig, fasta, genomes
+from jobs.tokenize.assemblies import AssemblyList, InputSpec, load_assembly_list, ncbi_download_url
+from jobs.tokenize.fasta import InputError, Source, ncbi_member, read_fasta
+from jobs.tokenize.fragments import (
     BUCKETS,
     KEEP_ALL,
     FragmentFilter,
@@ -28,8 +29,8 @@ from jobs.fragments import (
     selection_limits,
     window_keys,
 )
-from jobs.genes import GeneIndex
-from jobs.tokenization import TokenizeConfig, group_rows, make_plan
+from jobs.tokenize.genes import GeneIndex
+from jobs.tokenize.plan import group_rows, make_plan
 from model.vocab import PAD, decode, encode
 
 SPEC = FragmentSpec(seq_len=8, pad_final=False, min_acgt_fraction=0.5, gene_flank=None, strand="forward",
@@ -361,7 +362,7 @@ def test_selection_limits_meet_shares_and_budget():
 
 
 def quickstart_config(**overrides) -> TokenizeConfig:
-    data = {"manifest": "jobs/manifests/quickstart.yaml", "output": "state/x", **overrides}
+    data = {"assemblies": "jobs/assemblies/quickstart.yaml", "output": "state/x", **overrides}
     return TokenizeConfig.model_validate(data)
 
 
@@ -379,7 +380,7 @@ def quickstart_config(**overrides) -> TokenizeConfig:
 )
 def test_config_errors_name_their_keys(tmp_path, override, message):
     config = tmp_path / "c.yaml"
-    config.write_text("manifest: jobs/manifests/quickstart.yaml\noutput: state/x\n")
+    config.write_text("assemblies: jobs/assemblies/quickstart.yaml\noutput: state/x\n")
     with pytest.raises(ConfigError) as error:
         load_config(TokenizeConfig, str(config), [override])
     assert message in str(error.value)
@@ -395,9 +396,30 @@ def test_plan_checks_groups_and_assemblies():
         make_plan(TokenizeConfig(inputs=[twice, twice], output="x", group_shares={"human": 1}))
     plan = make_plan(quickstart_config())
     assert plan.items[0].url == str(RCRS_FASTA)  # absolute for the tasks
-    assert plan.inputs[0].url == "jobs/manifests/data/rCRS.fasta"  # as recorded
+    assert plan.inputs[0].url == "jobs/assemblies/data/rCRS.fasta"  # as recorded
     assert plan.config_hash == make_plan(quickstart_config(output="elsewhere", force=True)).config_hash
     assert plan.config_hash != make_plan(quickstart_config(seed=1)).config_hash
+
+
+# What the code before the rename (config key `manifest`, lists under jobs/manifests/) computed for the
+# paper's dataset config: 494 inputs, all absolute URLs (S3, NCBI Datasets), so a dataset built with it
+# before the rename must keep its identity after.
+PAPER_DATASET_HASH = "203e6a0280ec179fd94efce9ba084e5fdf3bcef18b70c5d62fedccdf1dad2a9e"
+
+
+def test_the_assemblies_rename_keeps_dataset_hashes():
+    plan = make_plan(load_config(TokenizeConfig, str(ROOT / "jobs" / "configs" / "tokenize-paper.yaml")))
+    assert len(plan.inputs) == 494
+    assert plan.config_hash == PAPER_DATASET_HASH
+    # How the inputs are listed is not content: the same inputs inline hash the same.
+    inline = TokenizeConfig.model_validate({**plan.config.model_dump(exclude={"assemblies"}),
+                                            "inputs": [spec.model_dump() for spec in plan.inputs]})
+    assert make_plan(inline).config_hash == PAPER_DATASET_HASH
+
+
+def test_the_old_assembly_list_key_is_refused_by_its_new_name():
+    with pytest.raises(ConfigError, match=r"`manifest` is now `assemblies`"):
+        build_config(TokenizeConfig, {"manifest": "jobs/assemblies/quickstart.yaml", "output": "state/x"})
 
 
 def test_row_groups_hold_64_mib_of_tokens_or_a_shard_size():
@@ -407,7 +429,7 @@ def test_row_groups_hold_64_mib_of_tokens_or_a_shard_size():
 
 
 def test_shipped_assembly_lists_validate():
-    paths = (ROOT / "jobs" / "manifests").glob("*.yaml")
+    paths = (ROOT / "jobs" / "assemblies").glob("*.yaml")
     lists = {path.stem: load_assembly_list(str(path.relative_to(ROOT))) for path in paths}
     assert len(lists["hprc-release2"].inputs) == 464
     assert {spec.group for spec in lists["hprc-release2"].inputs + lists["human-references"].inputs} == {"human"}

@@ -27,12 +27,16 @@ from conftest import ROOT, clean_env
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import ASHAScheduler
 
-from jobs.config import load_config
-from jobs.pretrain_config import PretrainConfig
-from jobs.search import PAPER_WINDOWS, ResumableASHAScheduler, TuneConfig, label, plan_search
-from jobs.tokenization import TokenizeConfig
-from jobs.tokenization import run as tokenize
-from jobs.tracking import RUN_NAME_TAG
+from jobs.common.config import load_config
+from jobs.common.tracking import RUN_NAME_TAG
+from jobs.pretrain.config import PretrainConfig
+from jobs.tokenize import TokenizeConfig
+from jobs.tokenize import run as tokenize
+from jobs.tune import TuneConfig
+from jobs.tune.config import PAPER_WINDOWS
+from jobs.tune.plan import make_plan
+from jobs.tune.space import label
+from jobs.tune.tuner import ResumableASHAScheduler
 
 CONFIGS = ROOT / "jobs" / "configs"
 QUICKSTART = CONFIGS / "tune-quickstart.yaml"
@@ -44,7 +48,7 @@ def tune_cli(config: Path | str, *overrides: str) -> list[str]:
 
 def test_paper_sweep_is_valid_for_its_model():
     """The GPU config's whole space (18 windows x 17 layer placements) passes the checks here."""
-    plan = plan_search(load_config(TuneConfig, str(CONFIGS / "tune-paper-windows.yaml")))
+    plan = make_plan(load_config(TuneConfig, str(CONFIGS / "tune-paper-windows.yaml")))
     window, layers = plan.dims
     assert list(window.choices) == [label(w) for w in PAPER_WINDOWS] and window.value("none") is None
     assert list(layers.choices)[:12] == [str(i) for i in range(1, 13)]
@@ -102,7 +106,7 @@ def dataset(tmp_path_factory, ray_cluster) -> str:
     """The quickstart dataset, tokenised by the real job into a temporary directory."""
     output = str(tmp_path_factory.mktemp("data") / "quickstart")
     config = load_config(TokenizeConfig, str(CONFIGS / "tokenize-quickstart.yaml"),
-                         [f"output={output}", f"manifest={ROOT / 'jobs' / 'manifests' / 'quickstart.yaml'}"])
+                         [f"output={output}", f"assemblies={ROOT / 'jobs' / 'assemblies' / 'quickstart.yaml'}"])
     tokenize(config)
     return output
 
