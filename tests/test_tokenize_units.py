@@ -468,8 +468,13 @@ def test_manifest_loader_checks_version_vocabulary_and_seq_len(tmp_path):
         return str(tmp_path)
 
     assert isinstance(load_manifest(write()), Manifest)
-    with pytest.raises(ConfigError, match="schema_version 99"):
+    with pytest.raises(ConfigError, match="schema version 99"):
         load_manifest(write(schema_version=99))
+    # Version 1 (tokens as list<uint8>) is refused with the way to rebuild, never read as if it were 2.
+    with pytest.raises(ConfigError) as refused:
+        load_manifest(write(schema_version=1))
+    message = str(refused.value)
+    assert str(tmp_path) in message and "schema version 1" in message and "force=true" in message
     with pytest.raises(ConfigError, match="vocabulary"):
         load_manifest(write(vocabulary={"tokens": ["A", "C", "G", "T"], "size": 4}))
     with pytest.raises(ConfigError, match="fragments are 1024 tokens long, expected 8192"):

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 # Read by every process of a job that logs: the driver, and the workers it hands it to.
 VERBOSE_VARIABLE = "GENGRAM_VERBOSE"
 # Loggers whose INFO lines (a line per Train report, per Data operator, per DeepSpeed step) bury
-# the one line per logged step that the jobs print themselves.
-CHATTY_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed")
+# the one line per logged step that the jobs print themselves. The root logger ("") is among them:
+# Ray Train's per-report line comes from a logger named by its file path, which only the root
+# logger's level reaches (in a Train worker the root logger is Train's console handler).
+CHATTY_LOGGERS = ("", "ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed")
+# Ray Train V2 replaces `print` in its workers with one that logs through the root logger and also
+# writes to the (wrapped) stdout: every line a worker prints reached the console twice. Train hands
+# this variable from the driver to its controller and workers.
+TRAIN_PRINT_PATCH_VARIABLE = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def set_verbose(verbose: bool) -> None:
@@ -24,9 +31,12 @@ def is_verbose() -> bool:
 def quiet_libraries(verbose: bool | None = None) -> None:
     """Ray's and DeepSpeed's loggers at WARNING in this process, unless verbose. Ray sets its own
     levels when it is imported and when a session starts, so this runs after both."""
-    level = logging.INFO if (is_verbose() if verbose is None else verbose) else logging.WARNING
+    verbose = is_verbose() if verbose is None else verbose
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # libraries' notes to their own developers (torch.distributed's renames and the like)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def ensure_ray(local_num_cpus: int | None = None, **init_kwargs) -> None:
@@ -41,6 +51,7 @@ def ensure_ray(local_num_cpus: int | None = None, **init_kwargs) -> None:
     """
     import ray
 
+    os.environ.setdefault(TRAIN_PRINT_PATCH_VARIABLE, "0")  # read when a Train run starts, not by ray.init
     if ray.is_initialized():
         return
     init_kwargs.setdefault("logging_level", logging.INFO if is_verbose() else logging.WARNING)

@@ -20,11 +20,13 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import ray.train
 import torch
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
+from jobs.common.dataset import tokens_array
 from jobs.common.ray_session import quiet_libraries
 from jobs.common.tracking import log_metrics
 from jobs.pretrain.config import PretrainConfig, deepspeed_config, lr_at
@@ -67,8 +69,10 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def tokens_tensor(batch: dict[str, np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(batch["tokens"]).astype(np.int64))
+def tokens_tensor(batch: pa.Table) -> torch.Tensor:
+    """[rows, seq_len] int64 ids from an Arrow batch of shards (Contract 2): one view of the column's
+    bytes, widened once for the embedding lookup."""
+    return torch.from_numpy(tokens_array(batch).astype(np.int64))
 
 
 def train_batches(shard, config: PretrainConfig, rank: int, first_epoch: int) -> Iterator[torch.Tensor]:
@@ -78,7 +82,7 @@ def train_batches(shard, config: PretrainConfig, rank: int, first_epoch: int) ->
         produced = 0
         for batch in shard.iter_batches(
             batch_size=config.train.micro_batch_size,
-            batch_format="numpy",
+            batch_format="pyarrow",
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
             local_shuffle_seed=config.data.seed + 1000 * epoch + rank,

@@ -103,10 +103,13 @@ class BlockBuilder:
 
     def build(self) -> pa.Table:
         pending, self.pending, rows, self.rows = self.pending, [], self.rows, 0
-        # Token rows stay where parsing put them: one Arrow chunk per batch, no copy.
-        tokens = pa.chunked_array(
-            [pa.FixedSizeListArray.from_arrays(pa.array(f.tokens.reshape(-1)), type=self.token_type) for f in pending]
-        )
+        # Token rows stay where parsing put them (a contiguous window block is used as it is): one
+        # Arrow chunk per batch, its data buffer the token bytes (Contract 2).
+        tokens = pa.chunked_array([
+            pa.FixedSizeBinaryArray.from_buffers(self.token_type, len(f.starts),
+                                                 [None, pa.py_buffer(np.ascontiguousarray(f.tokens))])
+            for f in pending
+        ])
         val = np.concatenate([f.val for f in pending])
         ordinal = np.empty(rows, dtype=np.int64)
         for flag in (False, True):
