@@ -8,7 +8,8 @@ Train workers) twice, each in its own process and state directory: once from a g
 and Megatron's initialisation), once from this tree. Each run logs to its own MLflow store; the table
 reads back, per MoE layer, the coefficient of variation of the experts' token shares (0 is perfectly
 balanced; 4 experts all on one gives sqrt(3) = 1.73) at the last logged step and its mean over the
-run, the Gengram gates' open fraction, and the final train and validation loss.
+run, the Gengram gates' open fraction, the final train and validation loss, and the share of step time
+spent waiting for data.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ GATE_LAYERS = (2, 3)  # and its Gengram layers
 def quickstart(tree: Path, state: Path, steps: int) -> str:
     """Run the quickstart of `tree` with its state (data, checkpoints, MLflow) under `state`; its tracking URI."""
     uri = f"sqlite:///{state / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "GENGRAM_HOME": str(state), "PYTHONPATH": str(tree)}
-    env["RAY_ADDRESS"] = "local"  # a Ray cluster of its own, never one already running here
+    env = {**os.environ, "GENGRAM_HOME": str(state), "PYTHONPATH": str(tree)}
+    # No RAY_ADDRESS: each quickstart starts a local cluster sized for its run (a Ray cluster already
+    # running on the machine would be joined instead, as the jobs do).
+    env.pop("RAY_ADDRESS", None)
     (state / "jobs").mkdir(parents=True, exist_ok=True)
     # Relative paths in the quickstart configs (jobs/assemblies/..., state/...) resolve against GENGRAM_HOME.
     for name in ("assemblies", "manifests"):
         if (tree / "jobs" / name).exists():
             shutil.copytree(tree / "jobs" / name, state / "jobs" / name, dirs_exist_ok=True)
-    command = [sys.executable, "-m", "jobs.quickstart", f"train.max_steps={steps}", "tracking.registered_model=null"]
+    command = [sys.executable, "-m", "jobs.quickstart", f"train.max_steps={steps}", f"tracking.uri={uri}",
+               "tracking.registered_model=null"]
     print(f"running the quickstart of {tree} ...", flush=True)
     subprocess.run(command, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return uri
@@ -59,6 +63,8 @@ def figures(uri: str) -> dict[str, float]:
         out[f"gate open fraction layer {layer}, last"] = max(history, key=lambda m: m.step).value
     for key in ("loss", "lm_loss", "val_loss"):
         out[f"final {key}"] = run.data.metrics[key]
+    waits = client.get_metric_history(run.info.run_id, "data_wait_fraction")
+    out["data_wait_fraction, mean"] = statistics.fmean(m.value for m in waits)
     return out
 
 
