@@ -51,7 +51,7 @@ def quickstart(tree: Path, state: Path, steps: int) -> str:
 
 def figures(uri: str) -> dict[str, float]:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("gengram-pretrain")
+    experiment = client.get_experiment_by_name("gengram-quickstart")  # pretrain-quickstart.yaml's
     run = client.search_runs([experiment.experiment_id], max_results=1)[0]
     out: dict[str, float] = {}
     for layer in LAYERS:
