@@ -7,12 +7,13 @@ endpoint, all on 127.0.0.1, all state under state/local-stack/.
     platform/local-stack env            # export lines for clients (eval "$(platform/local-stack env)")
     platform/local-stack down
 
-This is a script, run as a program; nothing imports it (platform/ holds no Python package).
+This is a script, run as a program (platform/ holds no Python package); the tests load it by its
+path to share its free_port and moto credentials.
 
 How it works
 - Each service is started in its own session (process group) with the venv's executable
   (.venv/bin/ray, .venv/bin/mlflow, .venv/bin/moto_server). Its pid file records the pid and the
-  kernel start time, so a recycled pid is never mistaken for a service of ours.
+  process's creation time, so a recycled pid is never mistaken for a service of ours.
 - Every process of the stack carries GENGRAM_LOCAL_STACK=<state dir> in its environment (children
   inherit it: Ray workers, job drivers, fake-cluster worker raylets). `down` stops each process
   group, then sweeps any process still carrying that marker, then verifies none is left.
@@ -45,49 +46,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("GENGRAM_VENV_BIN", ROOT / ".venv" / "bin"))
 MARKER = "GENGRAM_LOCAL_STACK"
 DEFAULT_FAKE_CLUSTER = ROOT / "cluster" / "local-fake-multinode.yaml"
-SERVICES = ("s3", "mlflow", "ray")  # start order; stopped in reverse
-DEFAULTS = {
-    "host": "127.0.0.1",
-    "ray_port": 6379,
-    "dashboard_port": 8265,
-    "ray_client_port": 10001,
-    "mlflow_port": 5000,
-    "s3_port": 9000,
-    "s3": False,
-    "s3_bucket": "gengram-dev",
-    "mlflow": True,
-    "artifacts_destination": None,  # None: <state>/mlflow/artifacts, or s3://<bucket>/mlflow with --s3
-    "num_cpus": 4,
-    "fake_cluster": None,  # path of a fake_multinode autoscaling config, or None
-    "project_home": str(ROOT),  # GENGRAM_HOME of submitted jobs: relative paths in configs resolve here
-}
-ENV_NAMES = {
-    "host": "GENGRAM_BIND_HOST",
-    "ray_port": "GENGRAM_RAY_PORT",
-    "dashboard_port": "GENGRAM_DASHBOARD_PORT",
-    "ray_client_port": "GENGRAM_RAY_CLIENT_PORT",
-    "mlflow_port": "GENGRAM_MLFLOW_PORT",
-    "s3_port": "GENGRAM_S3_PORT",
-    "s3": "GENGRAM_S3",
-    "s3_bucket": "GENGRAM_S3_BUCKET",
-    "mlflow": "GENGRAM_MLFLOW",
-    "artifacts_destination": "GENGRAM_MLFLOW_ARTIFACTS",
-    "num_cpus": "GENGRAM_RAY_NUM_CPUS",
-    "fake_cluster": "GENGRAM_FAKE_CLUSTER",
-    # the variable the jobs themselves read (jobs/storage.py): set in a shell for local runs, the
-    # stack hands the same value to its jobs
-    "project_home": "GENGRAM_HOME",
-}
-INT_KEYS = {"ray_port", "dashboard_port", "ray_client_port", "mlflow_port", "s3_port", "num_cpus"}
-BOOL_KEYS = {"s3", "mlflow"}
 # moto accepts any credentials; these fixed dummy values are not secrets.
-MOTO_ENV = {
+MOTO_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -95,6 +67,9 @@ MOTO_ENV = {
 # Unix socket paths are limited to 107 bytes; Ray puts <temp>/session_<date>_<pid>/sockets/plasma_store
 # there, which needs about 65 bytes beyond the temp dir.
 MAX_RAY_TEMP_DIR_LEN = 40
+# psutil's creation time is the kernel's start tick plus the boot time, which the kernel reports in whole
+# seconds and moves when NTP corrects the clock; a recycled pid belongs to a process started well after ours.
+CREATE_TIME_SLACK = 2.0
 
 
 class StackError(RuntimeError):
@@ -109,40 +84,66 @@ def log(message: str = "") -> None:
 # configuration
 
 
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off", ""}:
-        return False
-    raise StackError(f"not a boolean: {text!r}")
+class Settings(BaseModel):
+    """A stack's settings, as stack.json records them (and `status --json` shows them as "config").
+    A field's alias is the variable that sets it when no flag does (see Requested)."""
+
+    model_config = ConfigDict(validate_by_name=True)
+
+    host: str = Field("127.0.0.1", validation_alias="GENGRAM_BIND_HOST")
+    ray_port: int = Field(6379, validation_alias="GENGRAM_RAY_PORT")
+    dashboard_port: int = Field(8265, validation_alias="GENGRAM_DASHBOARD_PORT")
+    ray_client_port: int = Field(10001, validation_alias="GENGRAM_RAY_CLIENT_PORT")
+    mlflow_port: int = Field(5000, validation_alias="GENGRAM_MLFLOW_PORT")
+    s3_port: int = Field(9000, validation_alias="GENGRAM_S3_PORT")
+    s3: bool = Field(False, validation_alias="GENGRAM_S3")
+    s3_bucket: str = Field("gengram-dev", validation_alias="GENGRAM_S3_BUCKET")
+    mlflow: bool = Field(True, validation_alias="GENGRAM_MLFLOW")
+    # None: <state>/mlflow/artifacts, or s3://<bucket>/mlflow with --s3
+    artifacts_destination: str | None = Field(None, validation_alias="GENGRAM_MLFLOW_ARTIFACTS")
+    num_cpus: int = Field(4, validation_alias="GENGRAM_RAY_NUM_CPUS")
+    # path of a fake_multinode autoscaling config, or None
+    fake_cluster: str | None = Field(None, validation_alias="GENGRAM_FAKE_CLUSTER")
+    # GENGRAM_HOME of submitted jobs: relative paths in configs resolve here. The variable is the one the
+    # jobs themselves read (jobs/storage.py): set in a shell for local runs, the stack hands the same
+    # value to its jobs.
+    project_home: str = Field(str(ROOT), validation_alias="GENGRAM_HOME")
+
+    @field_validator("fake_cluster")
+    @classmethod
+    def _fake_cluster_path(cls, value: str | None) -> str | None:
+        if value in {"1", "true", "yes", "on"}:
+            value = str(DEFAULT_FAKE_CLUSTER)
+        return str(Path(value).resolve()) if value else value
+
+    @field_validator("project_home")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).resolve())
 
 
-def explicit_settings(args: argparse.Namespace) -> dict:
-    """Settings the user asked for on this call: flags first, then GENGRAM_* variables."""
-    chosen = {}
-    for key, env_name in ENV_NAMES.items():
-        value = getattr(args, key, None)
-        if value is None and os.environ.get(env_name) not in (None, ""):
-            text = os.environ[env_name]
-            if key in INT_KEYS:
-                try:
-                    value = int(text)
-                except ValueError:
-                    raise StackError(f"{env_name}={text!r} is not a number") from None
-            elif key in BOOL_KEYS:
-                value = parse_bool(text)
-            else:
-                value = text
-        if value is not None:
-            chosen[key] = value
-    if chosen.get("fake_cluster") in {"1", "true", "yes", "on"}:
-        chosen["fake_cluster"] = str(DEFAULT_FAKE_CLUSTER)
-    if chosen.get("fake_cluster"):
-        chosen["fake_cluster"] = str(Path(chosen["fake_cluster"]).resolve())
-    if chosen.get("project_home"):
-        chosen["project_home"] = str(Path(chosen["project_home"]).resolve())
-    return chosen
+class Requested(BaseSettings, Settings):
+    """The settings one call asks for: its flags, else the GENGRAM_* variables, else the defaults.
+    A variable set to the empty string counts as unset."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True)
+
+
+# what a bad variable is not, by pydantic's error type
+NOT_A = {
+    "int_parsing": "is not a number",
+    "bool_parsing": "is not a boolean (1, true, yes, on / 0, false, no, off)",
+}
+
+
+def requested_settings(args: argparse.Namespace) -> Requested:
+    flags = {key: value for key in Settings.model_fields if (value := getattr(args, key, None)) is not None}
+    try:
+        return Requested(**flags)
+    except ValidationError as error:
+        # flags are typed by argparse, so a bad value is a variable's, and its alias names it
+        complaints = [f"{e['loc'][0]}={e['input']!r} {NOT_A.get(e['type'], e['msg'])}" for e in error.errors()]
+        raise StackError("; ".join(complaints)) from None
 
 
 class Paths:
@@ -169,19 +170,21 @@ class Paths:
         return self.logs / f"{service}.log"
 
 
-def load_config(paths: Paths) -> dict | None:
+def load_config(paths: Paths) -> Settings | None:
+    """The settings in force; a stack.json from before a setting existed gets its default (and keeps the
+    setting out of model_fields_set, which `up` checks)."""
     if paths.config.exists():
-        return json.loads(paths.config.read_text())
+        return Settings.model_validate_json(paths.config.read_text())
     return None
 
 
-def urls(config: dict) -> dict:
-    host = url_host(config["host"])
-    result = {"ray_dashboard": f"http://{host}:{config['dashboard_port']}"}
-    if config["mlflow"]:
-        result["mlflow"] = f"http://{host}:{config['mlflow_port']}"
-    if config["s3"]:
-        result["s3"] = f"http://{host}:{config['s3_port']}"
+def urls(config: Settings) -> dict:
+    host = url_host(config.host)
+    result = {"ray_dashboard": f"http://{host}:{config.dashboard_port}"}
+    if config.mlflow:
+        result["mlflow"] = f"http://{host}:{config.mlflow_port}"
+    if config.s3:
+        result["s3"] = f"http://{host}:{config.s3_port}"
     return result
 
 
@@ -192,47 +195,43 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def artifacts_destination(config: dict, paths: Paths) -> str:
-    if config.get("artifacts_destination"):
-        return config["artifacts_destination"]
-    if config["s3"]:
-        return f"s3://{config['s3_bucket']}/mlflow"
+def artifacts_destination(config: Settings, paths: Paths) -> str:
+    if config.artifacts_destination:
+        return config.artifacts_destination
+    if config.s3:
+        return f"s3://{config.s3_bucket}/mlflow"
     return str(paths.mlflow / "artifacts")
 
 
-def project_home(config: dict) -> str:
-    """GENGRAM_HOME for the jobs (a stack.json written before this setting existed has none)."""
-    return config.get("project_home") or str(ROOT)
+def moto_client_env(endpoint: str) -> dict:
+    """What a boto3/s3fs/pyarrow client with no options of its own needs to reach moto at `endpoint`."""
+    return {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
 
 
-def client_env(config: dict, paths: Paths) -> dict:
+def client_env(config: Settings, paths: Paths) -> dict:
     """What a client (ray job submit, mlflow, a notebook) needs to talk to this stack."""
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(paths.token)}
     links = urls(config)
     if "mlflow" in links:
         env["MLFLOW_TRACKING_URI"] = links["mlflow"]
     if "s3" in links:
-        env.update(MOTO_ENV)
-        env["AWS_ENDPOINT_URL"] = links["s3"]
-        env["AWS_ENDPOINT_URL_S3"] = links["s3"]
+        env.update(moto_client_env(links["s3"]))
     return env
 
 
-def commands(config: dict) -> dict:
+def commands(config: Settings) -> dict:
     ray = shlex.quote(str(VENV_BIN / "ray"))
     address = urls(config)["ray_dashboard"]
     submit = f"{ray} job submit --address {address} --working-dir ."
     result = {
         "tokenize": f"{submit} -- python -m jobs.tokenize --config jobs/configs/tokenize-quickstart.yaml",
         "pretrain": f"{submit} -- python -m jobs.pretrain --config jobs/configs/pretrain-quickstart.yaml",
-        "ray_status": f"{ray} status --address 127.0.0.1:{config['ray_port']}",
+        "ray_status": f"{ray} status --address 127.0.0.1:{config.ray_port}",
         "job_list": f"{ray} job list --address {address}",
     }
-    if config["mlflow"]:
-        port = config["mlflow_port"]
-        result["mlflow_ui"] = (
-            f"open {urls(config)['mlflow']}  (remote: ssh -N -L {port}:127.0.0.1:{port} <host>)"
-        )
+    if config.mlflow:
+        port = config.mlflow_port
+        result["mlflow_ui"] = f"open {urls(config)['mlflow']}  (remote: ssh -N -L {port}:127.0.0.1:{port} <host>)"
     return result
 
 
@@ -240,53 +239,50 @@ def commands(config: dict) -> dict:
 # processes
 
 
-def proc_start_ticks(pid: int) -> int | None:
-    """Kernel start time of a process (field 22 of /proc/<pid>/stat), or None if it is gone."""
+def create_time(pid: int) -> float | None:
+    """When process `pid` was created (seconds since the epoch), or None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.NoSuchProcess:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie is gone for our purposes
-        return None
-    return int(fields[19])
 
 
-def proc_environ_has_marker(pid: int, marker_value: str) -> bool:
-    try:
-        data = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"{MARKER}={marker_value}".encode() in data.split(b"\0")
+def live_processes(*attrs: str) -> Iterator[psutil.Process]:
+    """Every process on the machine, with `attrs` in its .info; a zombie is gone for our purposes."""
+    for process in psutil.process_iter(["status", *attrs]):
+        if process.info["status"] not in {None, psutil.STATUS_ZOMBIE}:
+            yield process
 
 
-def proc_pgid(pid: int) -> int | None:
+def process_group(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
     except OSError:
         return None
 
 
-def all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+def processes_carrying(variable: str, value: str) -> list[int]:
+    """Live processes (other than this one and its parent) whose environment sets `variable` to `value`."""
+    me = {os.getpid(), os.getppid()}
+    return [
+        process.pid
+        for process in live_processes("environ")  # environ is None where not ours to read
+        if process.pid not in me and (process.info["environ"] or {}).get(variable) == value
+    ]
 
 
 def stack_processes(paths: Paths, pgids: set[int]) -> list[int]:
     """Every live process of this stack: in one of its process groups, or carrying its marker."""
     me = {os.getpid(), os.getppid()}
-    found = []
-    for pid in all_pids():
-        if pid in me or proc_start_ticks(pid) is None:
-            continue
-        if proc_pgid(pid) in pgids or proc_environ_has_marker(pid, str(paths.state)):
-            found.append(pid)
-    return found
+    in_groups = [p.pid for p in live_processes() if p.pid not in me and process_group(p.pid) in pgids]
+    return sorted(set(in_groups) | set(processes_carrying(MARKER, str(paths.state))))
 
 
 def describe(pid: int) -> str:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         cmdline = "?"
     return f"{pid} {cmdline[:160]}"
 
@@ -302,7 +298,12 @@ def read_pid_record(paths: Paths, service: str) -> dict | None:
 
 
 def record_alive(record: dict | None) -> bool:
-    return bool(record) and proc_start_ticks(record["pid"]) == record["start_ticks"]
+    """Whether the process a pid file names still runs. A record without a creation time (an older
+    launcher wrote start ticks) is stale: `down` still finds such processes by their marker."""
+    if not record or record.get("create_time") is None:
+        return False
+    created = create_time(record["pid"])
+    return created is not None and abs(created - record["create_time"]) < CREATE_TIME_SLACK
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -312,82 +313,157 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((url_host(host).strip("[]"), port)) == 0
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # talk to our own services directly, whatever HTTP(S)_PROXY the environment sets
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_status(url: str, headers: dict | None = None, timeout: float = 3.0) -> int | None:
-    request = urllib.request.Request(url, headers=headers or {})
+def http(url: str, headers: dict | None = None, method: str = "GET", timeout: float = 3.0) -> tuple[int | None, bytes]:
+    """Status and body of a request to one of our services; status None when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
         with LOCAL.open(request, timeout=timeout) as response:
-            return response.status
+            return response.status, response.read()
     except urllib.error.HTTPError as error:
-        return error.code
+        return error.code, b""
     except OSError:
-        return None
-
-
-def http_json(url: str, headers: dict | None = None, timeout: float = 5.0) -> dict | None:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with LOCAL.open(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except (OSError, ValueError):
-        return None
-
-
-def http_put(url: str, timeout: float = 10.0) -> int | None:
-    request = urllib.request.Request(url, method="PUT", data=b"")
-    try:
-        with LOCAL.open(request, timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return None
+        return None, b""
 
 
 # ---------------------------------------------------------------------------------------------
 # services
 
 
-def ray_auth_header(paths: Paths) -> dict:
-    return {"Authorization": f"Bearer {paths.token.read_text().strip()}"}
+def service_env(paths: Paths) -> dict:
+    """The environment every service starts from; each adds its own variables."""
+    env = dict(os.environ)
+    env[MARKER] = str(paths.state)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints = the venv's
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
-def healthy(service: str, config: dict, paths: Paths) -> bool:
-    links = urls(config)
-    if service == "s3":
-        return http_status(links["s3"] + "/") == 200
-    if service == "mlflow":
-        return http_status(links["mlflow"] + "/health") == 200
-    if service == "ray":
-        if not paths.token.exists():
-            return False
-        # the job server answers once the dashboard's job module is up; jobs also need the head
-        # node registered, which can come a few seconds later
-        headers = ray_auth_header(paths)
-        if http_status(links["ray_dashboard"] + "/api/jobs/", headers) != 200:
-            return False
-        nodes = http_json(links["ray_dashboard"] + "/api/v0/nodes?limit=1000", headers)
-        try:
-            listed = nodes["data"]["result"]["result"]
-        except (KeyError, TypeError):
-            return False
-        return any(node.get("is_head_node") and node.get("state") == "ALIVE" for node in listed)
-    raise ValueError(service)
+def moto_command(config: Settings, paths: Paths, env: dict) -> list[str]:
+    return [str(VENV_BIN / "moto_server"), "-H", config.host, "-p", str(config.s3_port)]
 
 
-def enabled_services(config: dict) -> list[str]:
-    return [s for s in SERVICES if s == "ray" or config.get(s)]
+def moto_healthy(config: Settings, paths: Paths) -> bool:
+    return http(urls(config)["s3"] + "/")[0] == 200
 
 
-def service_ports(service: str, config: dict) -> list[int]:
-    return {
-        "s3": [config["s3_port"]],
-        "mlflow": [config["mlflow_port"]],
-        "ray": [config["ray_port"], config["dashboard_port"], config["ray_client_port"]],
-    }[service]
+def create_bucket(config: Settings) -> None:
+    status, _ = http(f"{urls(config)['s3']}/{config.s3_bucket}", method="PUT", timeout=10)
+    if status != 200:
+        raise StackError(f"could not create bucket {config.s3_bucket} in moto (HTTP {status})")
+
+
+def mlflow_command(config: Settings, paths: Paths, env: dict) -> list[str]:
+    # MLflow 3's job runner (GenAI scorers, trace roll-ups: unused here) adds seven processes.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    destination = artifacts_destination(config, paths)
+    if destination.startswith("s3://") and config.s3:
+        env.update(MOTO_CREDENTIALS)
+        env["MLFLOW_S3_ENDPOINT_URL"] = urls(config)["s3"]
+    elif not destination.startswith(("s3://", "gs://", "wasbs://", "hdfs://")):
+        Path(destination).mkdir(parents=True, exist_ok=True)
+    return [
+        str(VENV_BIN / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{paths.mlflow / 'mlflow.db'}",
+        "--artifacts-destination", destination,
+        "--host", config.host, "--port", str(config.mlflow_port), "--workers", "1",
+    ]  # fmt: skip
+
+
+def mlflow_healthy(config: Settings, paths: Paths) -> bool:
+    return http(urls(config)["mlflow"] + "/health")[0] == 200
+
+
+def ray_command(config: Settings, paths: Paths, env: dict) -> list[str]:
+    paths.ray_temp.mkdir(parents=True, exist_ok=True)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(paths.token)
+    env.pop("RAY_AUTH_TOKEN", None)
+    # Prometheus endpoints of the dashboard and autoscaler: Ray's fixed defaults (44227, 44217)
+    # would collide with any other local Ray cluster; Ray binds them to the node IP's interfaces.
+    env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
+    env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
+    # On SIGTERM `ray start --block` first drains the node for up to 30 s (for Serve proxies, of
+    # which this stack has none); it never finishes draining here, so `down` took 30 s longer.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    env.update({k: v for k, v in client_env(config, paths).items() if not k.startswith("RAY_")})
+    env["GENGRAM_HOME"] = config.project_home
+    num_cpus = config.num_cpus
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--port", str(config.ray_port),
+        "--dashboard-host", config.host, "--dashboard-port", str(config.dashboard_port),
+        "--ray-client-server-port", str(config.ray_client_port),
+        "--dashboard-agent-listen-port", "0",  # not the fixed 52365 other local clusters use
+        "--temp-dir", str(paths.ray_temp),
+    ]  # fmt: skip
+    if config.fake_cluster:
+        fake_config, num_cpus = write_fake_cluster_config(config, paths)
+        command.append(f"--autoscaling-config={fake_config}")
+        env["RAY_FAKE_CLUSTER"] = "1"
+        env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")
+    return [*command, "--num-cpus", str(num_cpus)]
+
+
+def ray_healthy(config: Settings, paths: Paths) -> bool:
+    if not paths.token.exists():
+        return False
+    # the job server answers once the dashboard's job module is up; jobs also need the head
+    # node registered, which can come a few seconds later
+    dashboard = urls(config)["ray_dashboard"]
+    headers = {"Authorization": f"Bearer {paths.token.read_text().strip()}"}
+    if http(f"{dashboard}/api/jobs/", headers)[0] != 200:
+        return False
+    _, body = http(f"{dashboard}/api/v0/nodes?limit=1000", headers, timeout=5)
+    try:
+        listed = json.loads(body)["data"]["result"]["result"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return any(node.get("is_head_node") and node.get("state") == "ALIVE" for node in listed)
+
+
+def write_fake_cluster_config(config: Settings, paths: Paths) -> tuple[Path, int]:
+    """Copy the fake-multinode autoscaling config with the provider pointed at this head's port.
+    Returns the copy and the head's CPU count from its node type."""
+    import yaml  # the venv's PyYAML; only needed for --fake-cluster
+
+    data = yaml.safe_load(Path(config.fake_cluster).read_text())
+    if data.get("provider", {}).get("type") != "fake_multinode":
+        raise StackError(f"{config.fake_cluster} is not a fake_multinode autoscaling config")
+    data["provider"]["gcs_address"] = f"127.0.0.1:{config.ray_port}"
+    head = data["available_node_types"][data["head_node_type"]]
+    paths.fake_cluster_config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return paths.fake_cluster_config, int(head.get("resources", {}).get("CPU", 0))
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    enabled: Callable[[Settings], bool]
+    ports: tuple[str, ...]  # the settings that name the ports it binds
+    command: Callable[[Settings, Paths, dict], list[str]]  # its command line; adds its variables to env
+    healthy: Callable[[Settings, Paths], bool]
+    after_start: Callable[[Settings], None] | None = None  # once healthy after a fresh start
+
+
+SERVICES = (  # start order; stopped in reverse
+    Service("s3", lambda config: config.s3, ("s3_port",), moto_command, moto_healthy, create_bucket),
+    Service("mlflow", lambda config: config.mlflow, ("mlflow_port",), mlflow_command, mlflow_healthy),
+    Service("ray", lambda config: True, ("ray_port", "dashboard_port", "ray_client_port"), ray_command, ray_healthy),
+)
+
+
+def enabled_services(config: Settings) -> list[Service]:
+    return [service for service in SERVICES if service.enabled(config)]
 
 
 def ensure_token(paths: Paths) -> None:
@@ -399,117 +475,42 @@ def ensure_token(paths: Paths) -> None:
         handle.write(secrets.token_hex(32))
 
 
-def write_fake_cluster_config(config: dict, paths: Paths) -> tuple[Path, int]:
-    """Copy the fake-multinode autoscaling config with the provider pointed at this head's port.
-    Returns the copy and the head's CPU count from its node type."""
-    import yaml  # the venv's PyYAML; only needed for --fake-cluster
-
-    data = yaml.safe_load(Path(config["fake_cluster"]).read_text())
-    if data.get("provider", {}).get("type") != "fake_multinode":
-        raise StackError(f"{config['fake_cluster']} is not a fake_multinode autoscaling config")
-    data["provider"]["gcs_address"] = f"127.0.0.1:{config['ray_port']}"
-    head = data["available_node_types"][data["head_node_type"]]
-    paths.fake_cluster_config.write_text(yaml.safe_dump(data, sort_keys=False))
-    return paths.fake_cluster_config, int(head.get("resources", {}).get("CPU", 0))
-
-
-def service_command(service: str, config: dict, paths: Paths) -> tuple[list[str], dict]:
-    env = dict(os.environ)
-    env[MARKER] = str(paths.state)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints = the venv's
-    env.pop("RAY_ADDRESS", None)
-    host = config["host"]
-    if service == "s3":
-        return [str(VENV_BIN / "moto_server"), "-H", host, "-p", str(config["s3_port"])], env
-    if service == "mlflow":
-        # MLflow 3's job runner (GenAI scorers, trace roll-ups: unused here) adds seven processes.
-        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        destination = artifacts_destination(config, paths)
-        if destination.startswith("s3://") and config["s3"]:
-            env.update(MOTO_ENV)
-            env["MLFLOW_S3_ENDPOINT_URL"] = urls(config)["s3"]
-        elif not destination.startswith(("s3://", "gs://", "wasbs://", "hdfs://")):
-            Path(destination).mkdir(parents=True, exist_ok=True)
-        command = [
-            str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{paths.mlflow / 'mlflow.db'}",
-            "--artifacts-destination", destination,
-            "--host", host, "--port", str(config["mlflow_port"]), "--workers", "1",
-        ]  # fmt: skip
-        return command, env
-    if service == "ray":
-        paths.ray_temp.mkdir(parents=True, exist_ok=True)
-        env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN_PATH"] = str(paths.token)
-        env.pop("RAY_AUTH_TOKEN", None)
-        # Prometheus endpoints of the dashboard and autoscaler: Ray's fixed defaults (44227, 44217)
-        # would collide with any other local Ray cluster; Ray binds them to the node IP's interfaces.
-        env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
-        env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
-        # On SIGTERM `ray start --block` first drains the node for up to 30 s (for Serve proxies, of
-        # which this stack has none); it never finishes draining here, so `down` took 30 s longer.
-        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-        env.update({k: v for k, v in client_env(config, paths).items() if not k.startswith("RAY_")})
-        env["GENGRAM_HOME"] = project_home(config)
-        num_cpus = config["num_cpus"]
-        command = [
-            str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--port", str(config["ray_port"]),
-            "--dashboard-host", host, "--dashboard-port", str(config["dashboard_port"]),
-            "--ray-client-server-port", str(config["ray_client_port"]),
-            "--dashboard-agent-listen-port", "0",  # not the fixed 52365 other local clusters use
-            "--temp-dir", str(paths.ray_temp),
-        ]  # fmt: skip
-        if config.get("fake_cluster"):
-            fake_config, num_cpus = write_fake_cluster_config(config, paths)
-            command.append(f"--autoscaling-config={fake_config}")
-            env["RAY_FAKE_CLUSTER"] = "1"
-            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")
-        command += ["--num-cpus", str(num_cpus)]
-        return command, env
-    raise ValueError(service)
-
-
-def start_service(service: str, config: dict, paths: Paths) -> dict:
-    host = config["host"]
-    for port in service_ports(service, config):
-        if port_in_use(host, port):
+def start_service(service: Service, config: Settings, paths: Paths) -> dict:
+    for setting in service.ports:
+        port = getattr(config, setting)
+        if port_in_use(config.host, port):
+            variable = Settings.model_fields[setting].validation_alias
             raise StackError(
-                f"{service}: port {port} on {host} is already taken by another process; "
-                f"choose another with the flags or {', '.join(sorted(ENV_NAMES.values()))}"
+                f"{service.name}: port {port} on {config.host} is already taken by another process; "
+                f"choose another with --{setting.replace('_', '-')} or {variable}"
             )
-    command, env = service_command(service, config, paths)
-    log_path = paths.log_file(service)
+    env = service_env(paths)
+    command = service.command(config, paths, env)
+    log_path = paths.log_file(service.name)
     with open(log_path, "ab") as log_handle:
-        log_handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service}\n".encode())
+        log_handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service.name}\n".encode())
         log_handle.flush()
         process = subprocess.Popen(
             command, cwd=paths.state, env=env, stdin=subprocess.DEVNULL,
             stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    ticks = None
-    for _ in range(50):
-        ticks = proc_start_ticks(process.pid)
-        if ticks is not None:
-            break
-        time.sleep(0.02)
-    record = {"pid": process.pid, "pgid": process.pid, "start_ticks": ticks, "command": command}
-    paths.pid_file(service).write_text(json.dumps(record))
+    record = {"pid": process.pid, "pgid": process.pid, "create_time": create_time(process.pid), "command": command}
+    paths.pid_file(service.name).write_text(json.dumps(record))
     return record
 
 
-def wait_healthy(service: str, config: dict, paths: Paths, record: dict, timeout: float) -> None:
+def wait_healthy(service: Service, config: Settings, paths: Paths, record: dict, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if healthy(service, config, paths):
+        if service.healthy(config, paths):
             return
         if not record_alive(record):
             raise StackError(
-                f"{service} exited during start-up; last log lines:\n{tail(paths.log_file(service))}"
+                f"{service.name} exited during start-up; last log lines:\n{tail(paths.log_file(service.name))}"
             )
         time.sleep(0.5)
     raise StackError(
-        f"{service} did not become healthy within {timeout:.0f} s; log: {paths.log_file(service)}"
+        f"{service.name} did not become healthy within {timeout:.0f} s; log: {paths.log_file(service.name)}"
     )
 
 
@@ -521,7 +522,7 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def group_alive(pgid: int) -> bool:
-    return any(proc_pgid(pid) == pgid and proc_start_ticks(pid) is not None for pid in all_pids())
+    return any(process_group(process.pid) == pgid for process in live_processes())
 
 
 def wait_group_gone(pgid: int, timeout: float) -> bool:
@@ -549,87 +550,82 @@ def stop_group(leader: int, pgid: int, grace: float) -> None:
     wait_group_gone(pgid, 5)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # commands
 
 
-def service_states(config: dict, paths: Paths) -> dict:
+def service_states(config: Settings, paths: Paths) -> dict:
     states = {}
     for service in enabled_services(config):
-        record = read_pid_record(paths, service)
+        record = read_pid_record(paths, service.name)
         alive = record_alive(record)
-        states[service] = {
+        states[service.name] = {
             "running": alive,
-            "healthy": alive and healthy(service, config, paths),
+            "healthy": alive and service.healthy(config, paths),
             "pid": record["pid"] if alive else None,
-            "log": str(paths.log_file(service)),
+            "log": str(paths.log_file(service.name)),
         }
     return states
 
 
-def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
-    chosen = explicit_settings(args)
+def settings_for_up(requested: Requested, paths: Paths) -> Settings:
+    """What `up` runs with: the requested settings, or, when the stack already runs, the stored ones, which
+    a request may repeat but not change."""
     stored = load_config(paths)
-    running = stored is not None and any(s["running"] for s in service_states(stored, paths).values())
-    if running:
-        missing = sorted(set(DEFAULTS) - set(stored))
-        if missing:  # started by an older launcher: its processes lack what these settings add
-            raise StackError(
-                f"the stack in {paths.state} was started by an older version of this launcher "
-                f"(no {', '.join(missing)}); run `down`, then `up`"
-            )
-        config = {**stored, **chosen}
-        if config != stored:
-            changed = sorted(k for k in config if config[k] != stored.get(k))
-            raise StackError(
-                f"the stack in {paths.state} is running with other settings ({', '.join(changed)}); "
-                "run `down` first, then `up` with the new settings"
-            )
-    else:
-        config = {**DEFAULTS, **chosen}
-    if not is_loopback(config["host"]):
+    if stored is None or not any(s["running"] for s in service_states(stored, paths).values()):
+        return Settings(**requested.model_dump())
+    missing = sorted(set(Settings.model_fields) - stored.model_fields_set)
+    if missing:  # started by an older launcher: its processes lack what these settings add
+        raise StackError(
+            f"the stack in {paths.state} was started by an older version of this launcher "
+            f"(no {', '.join(missing)}); run `down`, then `up`"
+        )
+    changed = sorted(k for k in requested.model_fields_set if getattr(requested, k) != getattr(stored, k))
+    if changed:
+        raise StackError(
+            f"the stack in {paths.state} is running with other settings ({', '.join(changed)}); "
+            "run `down` first, then `up` with the new settings"
+        )
+    return stored
+
+
+def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
+    config = settings_for_up(requested_settings(args), paths)
+    if not is_loopback(config.host):
         log(
-            f"WARNING: binding the Ray dashboard/job server, MLflow and S3 to {config['host']}, not "
+            f"WARNING: binding the Ray dashboard/job server, MLflow and S3 to {config.host}, not "
             "loopback: anyone who can reach that address can use MLflow and S3 (Ray needs the token)."
         )
-    if config.get("fake_cluster") and not Path(config["fake_cluster"]).is_file():
-        raise StackError(f"fake cluster config not found: {config['fake_cluster']}")
-    if not Path(project_home(config)).is_dir():
-        raise StackError(f"project home (GENGRAM_HOME) is not a directory: {project_home(config)}")
+    if config.fake_cluster and not Path(config.fake_cluster).is_file():
+        raise StackError(f"fake cluster config not found: {config.fake_cluster}")
+    if not Path(config.project_home).is_dir():
+        raise StackError(f"project home (GENGRAM_HOME) is not a directory: {config.project_home}")
 
     for directory in (paths.state, paths.logs, paths.pids, paths.mlflow):
         directory.mkdir(parents=True, exist_ok=True)
     paths.state.chmod(0o700)
     ensure_token(paths)
-    paths.config.write_text(json.dumps(config, indent=2, sort_keys=True))
+    paths.config.write_text(config.model_dump_json(indent=2))
 
     started = []
     try:
         for service in enabled_services(config):
-            record = read_pid_record(paths, service)
+            record = read_pid_record(paths, service.name)
             if record_alive(record):
                 wait_healthy(service, config, paths, record, args.timeout)
-                log(f"{service:7s} already running (pid {record['pid']})")
+                log(f"{service.name:7s} already running (pid {record['pid']})")
                 continue
             if record is not None:
-                paths.pid_file(service).unlink(missing_ok=True)  # stale
+                paths.pid_file(service.name).unlink(missing_ok=True)  # stale
             record = start_service(service, config, paths)
-            started.append(service)
+            started.append(service.name)
             wait_healthy(service, config, paths, record, args.timeout)
-            log(f"{service:7s} started (pid {record['pid']}, log {paths.log_file(service)})")
-            if service == "s3":
-                status = http_put(f"{urls(config)['s3']}/{config['s3_bucket']}")
-                if status != 200:
-                    raise StackError(f"could not create bucket {config['s3_bucket']} in moto (HTTP {status})")
+            log(f"{service.name:7s} started (pid {record['pid']}, log {paths.log_file(service.name)})")
+            if service.after_start:
+                service.after_start(config)
     except StackError:
-        for service in reversed(started):
-            stop_service(service, paths)
+        for name in reversed(started):
+            stop_service(name, paths)
         raise
     write_env_file(config, paths)
     print_summary(config, paths)
@@ -653,11 +649,11 @@ def stop_service(service: str, paths: Paths, grace: float = 30.0) -> None:
 def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
     pgids = set()
     for service in reversed(SERVICES):
-        record = read_pid_record(paths, service)
+        record = read_pid_record(paths, service.name)
         if record_alive(record):  # a dead leader's pgid may since belong to someone else
             pgids.add(record["pgid"])
-            log(f"stopping {service} (process group {record['pgid']})")
-        stop_service(service, paths, grace=args.grace)
+            log(f"stopping {service.name} (process group {record['pgid']})")
+        stop_service(service.name, paths, grace=args.grace)
     # anything of ours that escaped its process group (it still carries the marker)
     leftovers = stack_processes(paths, pgids)
     for pid in leftovers:
@@ -673,9 +669,7 @@ def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
     time.sleep(0.3)
     leftovers = stack_processes(paths, pgids)
     if leftovers:
-        log(
-            "ERROR: these processes of the stack are still alive:\n  " + "\n  ".join(map(describe, leftovers))
-        )
+        log("ERROR: these processes of the stack are still alive:\n  " + "\n  ".join(map(describe, leftovers)))
         return 1
     log(f"local stack in {paths.state} is down; no process left")
     return 0
@@ -690,7 +684,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         report = {
             "state_dir": str(paths.state),
             "configured": True,
-            "config": config,
+            "config": config.model_dump(),
             "services": states,
             "urls": urls(config),
             "client_env": client_env(config, paths),
@@ -705,9 +699,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     else:
         log(f"local stack ({paths.state}): {report['state']}")
         for name, state in states.items():
-            word = (
-                "healthy" if state["healthy"] else "running, NOT healthy" if state["running"] else "stopped"
-            )
+            word = "healthy" if state["healthy"] else "running, NOT healthy" if state["running"] else "stopped"
             pid = f" (pid {state['pid']})" if state["pid"] else ""
             log(f"  {name:7s} {word}{pid}")
         if all_up:
@@ -725,27 +717,24 @@ def cmd_env(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
-def write_env_file(config: dict, paths: Paths) -> None:
+def write_env_file(config: Settings, paths: Paths) -> None:
     lines = ["# source me: client environment for the local stack (no secret values in here)"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in client_env(config, paths).items()]
     paths.env_file.write_text("\n".join(lines) + "\n")
 
 
-def print_summary(config: dict, paths: Paths) -> None:
+def print_summary(config: Settings, paths: Paths) -> None:
     links = urls(config)
     cmds = commands(config)
     log()
     log(f"Local stack is up. State: {paths.state}")
     log(f"  Ray dashboard + job server   {links['ray_dashboard']}   (token authentication on)")
-    log(f"  Ray GCS port                 {config['ray_port']}   (cluster state: {cmds['ray_status']})")
+    log(f"  Ray GCS port                 {config.ray_port}   (cluster state: {cmds['ray_status']})")
     if "mlflow" in links:
-        log(
-            f"  MLflow tracking server + UI  {links['mlflow']}"
-            f"   (artifacts: {artifacts_destination(config, paths)})"
-        )
+        log(f"  MLflow tracking server + UI  {links['mlflow']}   (artifacts: {artifacts_destination(config, paths)})")
     if "s3" in links:
-        log(f"  S3 (moto, in memory)         {links['s3']}   bucket s3://{config['s3_bucket']}")
-    if config.get("fake_cluster"):
+        log(f"  S3 (moto, in memory)         {links['s3']}   bucket s3://{config.s3_bucket}")
+    if config.fake_cluster:
         log(f"  autoscaling (fake multinode) {paths.fake_cluster_config}")
     log()
     log(f'Client environment (also in {paths.env_file}; `source` it or eval "$(platform/local-stack env)"):')
@@ -753,17 +742,14 @@ def print_summary(config: dict, paths: Paths) -> None:
         log(f"  export {key}={shlex.quote(value)}")
     log()
     log("Submit jobs from the repository root. Jobs get MLFLOW_TRACKING_URI and GENGRAM_HOME from the head;")
-    log(f"relative paths in their configs resolve against GENGRAM_HOME={project_home(config)}")
+    log(f"relative paths in their configs resolve against GENGRAM_HOME={config.project_home}")
     log("(state/datasets/..., state/checkpoints/...: where the next job and you find them):")
     log(f"  {cmds['tokenize']}")
     log(f"  {cmds['pretrain']}")
     if "mlflow_ui" in cmds:
         log()
         log(f"MLflow UI: {cmds['mlflow_ui']}")
-    log(
-        f"Ray dashboard in a browser: {links['ray_dashboard']}"
-        " (paste the token from $RAY_AUTH_TOKEN_PATH when asked)"
-    )
+    log(f"Ray dashboard in a browser: {links['ray_dashboard']} (paste the token from $RAY_AUTH_TOKEN_PATH when asked)")
     log("Stop everything: platform/local-stack down")
 
 
@@ -784,21 +770,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default 4)")
     up.add_argument("--mlflow-port", type=int, help="MLflow port (default 5000)")
     up.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False, help="no MLflow server")
-    up.add_argument(
-        "--artifacts-destination", help="MLflow artifact store: a directory or s3://bucket/prefix"
-    )
+    up.add_argument("--artifacts-destination", help="MLflow artifact store: a directory or s3://bucket/prefix")
     up.add_argument("--s3", dest="s3", action="store_const", const=True, help="also start moto's S3 server")
     up.add_argument("--s3-port", type=int, help="moto S3 port (default 9000)")
     up.add_argument("--s3-bucket", help="bucket created in moto (default gengram-dev)")
     up.add_argument(
-        "--fake-cluster", nargs="?", const=str(ROOT / "cluster" / "local-fake-multinode.yaml"),
+        "--fake-cluster", nargs="?", const=str(DEFAULT_FAKE_CLUSTER),
         help="run the head with Ray's fake multinode autoscaler "
         "(default config: cluster/local-fake-multinode.yaml)",
     )  # fmt: skip
     up.add_argument(
         "--project-home",
-        help="GENGRAM_HOME handed to jobs: relative paths in job configs resolve against it "
-        "(default: this checkout)",
+        help="GENGRAM_HOME handed to jobs: relative paths in job configs resolve against it (default: this checkout)",
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service")
     down = sub.add_parser("down", help="stop every process of the stack and verify none is left")

@@ -5,10 +5,10 @@ exactly as the jobs do in production.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +27,21 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 ROOT = Path(__file__).resolve().parents[1]
 RCRS_FASTA = ROOT / "jobs" / "assemblies" / "data" / "rCRS.fasta"
 VENV_BIN = Path(sys.executable).parent
+LAUNCHER = ROOT / "platform" / "local_stack.py"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _load_launcher():
+    """platform/ is no package (see its README), so the launcher is loaded by its path: the tests use its
+    free_port, its moto client environment and its process table rather than copies of them."""
+    spec = importlib.util.spec_from_file_location("local_stack", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+local_stack = _load_launcher()
+free_port = local_stack.free_port
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -91,13 +100,7 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
     )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-    }
+    env = local_stack.moto_client_env(endpoint)
     try:
         wait_for_http(endpoint, process)
         with mock.patch.dict(os.environ, env):
@@ -122,8 +125,11 @@ def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
     """gcp-storage-emulator's GCS JSON API in its own process on 127.0.0.1, in memory."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("gcs") / "gcs.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen([str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1",
-                                "--port", str(port), "--in-memory"], stdout=log, stderr=log)
+    process = subprocess.Popen(
+        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        stdout=log,
+        stderr=log,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/storage/v1/b?project=test", process)
         yield GcsServer(f"http://127.0.0.1:{port}")
@@ -146,12 +152,21 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     log = open(root / "server.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [
-            str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
-        stdout=log, stderr=log,
+        stdout=log,
+        stderr=log,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -178,8 +193,6 @@ def ray_cluster(s3_server):
 # ----------------------------------------------------------------------------- the local-stack launcher
 # (shared by test_platform.py, test_cluster.py and test_e2e.py)
 
-LAUNCHER = ROOT / "platform" / "local_stack.py"
-
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without anything that points a client at some cluster or store."""
@@ -192,23 +205,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 def launcher(state_dir: Path, *args: str, timeout: float = 300, env: dict | None = None, root: Path = ROOT):
     """Run `platform/local_stack.py` of the checkout `root` (default: this one) from that checkout."""
     return subprocess.run(
-        [sys.executable, str(root / "platform" / "local_stack.py"), "--state-dir", str(state_dir), *args],
+        [sys.executable, str(root / LAUNCHER.relative_to(ROOT)), "--state-dir", str(state_dir), *args],
         capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=root,
     )  # fmt: skip
 
 
 def processes_with_marker(state_dir: Path) -> list[int]:
     """Live processes of the stack in `state_dir`: all of them carry its marker in their environment."""
-    marker = f"GENGRAM_LOCAL_STACK={state_dir}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
+    return local_stack.processes_carrying(local_stack.MARKER, str(state_dir))
 
 
 def remove_ray_temp_dir(state_dir: Path, root: Path = ROOT) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, launcher
 
 CLUSTER = ROOT / "cluster"
 LAUNCHER_YAMLS = ["aws-gpu.yaml", "gcp-gpu.yaml", "local-fake-multinode.yaml"]
@@ -231,15 +230,6 @@ def work(i):
     return ray.get_runtime_context().get_node_id()
 print("RAN_ON " + json.dumps(sorted(set(ray.get([work.remote(i) for i in range(2)])))))
 """
-
-
-def launcher(state_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    from test_platform import clean_env
-
-    return subprocess.run(
-        [sys.executable, str(ROOT / "platform" / "local_stack.py"), "--state-dir", str(state_dir), *args],
-        capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT,
-    )  # fmt: skip
 
 
 def get_json(url: str, token: str) -> dict:

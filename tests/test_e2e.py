@@ -35,8 +35,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import ROOT, clean_env, free_port, launcher, processes_with_marker, remove_ray_temp_dir
+from conftest import ROOT, clean_env, free_port, launcher, local_stack, processes_with_marker, remove_ray_temp_dir
 
 VENV = Path(sys.executable).parent.parent
 ARTIFACTS = ROOT / "state" / "test-artifacts"
@@ -192,9 +193,9 @@ class TestLocalStack:
         assert f"GENGRAM_HOME={stack.checkout}" in stack.up.stdout
         # the head's own environment, which every job's driver and worker inherits
         head = stack.report["services"]["ray"]["pid"]
-        environ = Path(f"/proc/{head}/environ").read_bytes().split(b"\0")
-        assert f"GENGRAM_HOME={stack.checkout}".encode() in environ
-        assert f"MLFLOW_TRACKING_URI={stack.urls['mlflow']}".encode() in environ
+        environ = psutil.Process(head).environ()
+        assert environ["GENGRAM_HOME"] == str(stack.checkout)
+        assert environ["MLFLOW_TRACKING_URI"] == stack.urls["mlflow"]
 
     def test_tokenize_job_writes_the_dataset_into_the_projects_state(self, stack, tokenized):
         print(f"tokenise job: {tokenized.seconds:.0f} s")
@@ -399,7 +400,7 @@ def test_make_quickstart_in_a_fresh_clone(tmp_path):
 
     # every process of the run inherits this, so that none can outlive the test unnoticed
     tag = uuid.uuid4().hex
-    env, marker = clean_env(GENGRAM_E2E_QUICKSTART=tag), f"GENGRAM_E2E_QUICKSTART={tag}"
+    env, marker = clean_env(GENGRAM_E2E_QUICKSTART=tag), ("GENGRAM_E2E_QUICKSTART", tag)
     command = ["make", "quickstart"]
     if pid_namespace_works():
         # The jobs join any Ray cluster running on the machine (jobs/common/ray_session.py: address="auto" finds
@@ -454,8 +455,10 @@ def test_make_quickstart_in_a_fresh_clone(tmp_path):
         except (AssertionError, TimeoutError) as error:
             pytest.fail(f"{error}; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
         found = get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
-        versions = get_json(f"{base}/api/2.0/mlflow/model-versions/search?"
-                            + urllib.parse.urlencode({"filter": f"name='{REGISTERED_MODEL}'"}))["model_versions"]
+        versions = get_json(
+            f"{base}/api/2.0/mlflow/model-versions/search?"
+            + urllib.parse.urlencode({"filter": f"name='{REGISTERED_MODEL}'"})
+        )["model_versions"]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -470,24 +473,14 @@ def test_make_quickstart_in_a_fresh_clone(tmp_path):
     assert run_id in [v["run_id"] for v in versions]
 
 
-def marked(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):  # gone meanwhile, or a zombie (empty environ)
-                if marker.encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-    return found
-
-
-def kill_marked(marker: str, grace: float = 15) -> list[int]:
+def kill_marked(marker: tuple[str, str], grace: float = 15) -> list[int]:
     """Processes carrying `marker` (this test's only) still alive `grace` seconds after the command
     ended (Ray's shutdown, or the kernel tearing down the PID namespace, takes a moment): SIGKILLed,
     and returned so that the test can fail on them."""
     deadline = time.monotonic() + grace
-    while marked(marker) and time.monotonic() < deadline:
+    while local_stack.processes_carrying(*marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = marked(marker)
+    left = local_stack.processes_carrying(*marker)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

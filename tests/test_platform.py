@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, free_port, launcher, processes_with_marker, remove_ray_temp_dir
+from conftest import ROOT, clean_env, free_port, launcher, local_stack, processes_with_marker, remove_ray_temp_dir
 
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
@@ -149,9 +149,7 @@ def upload_set(working_dir: Path, tmp_path: Path) -> dict[str, int]:
     from ray._private.runtime_env.packaging import create_package
 
     target = tmp_path / f"package-{uuid.uuid4().hex}.zip"
-    create_package(
-        str(working_dir), target, include_gitignore=True, excludes=get_runtime_env_default_excludes()
-    )
+    create_package(str(working_dir), target, include_gitignore=True, excludes=get_runtime_env_default_excludes())
     with zipfile.ZipFile(target) as archive:
         return {info.filename: info.file_size for info in archive.infolist() if not info.is_dir()}
 
@@ -250,9 +248,7 @@ def test_repository_upload_is_small_and_clean(tmp_path):
         top = name.split("/")[0]
         assert top not in {"state", ".venv", ".git", "tmp"}, name
         assert not re.search(r"(^|/)(\.env|credentials|auth_token|id_rsa)|\.pem$|\.key$|secret", name), name
-        assert size < 10 * MIB, (
-            f"{name} is {size / MIB:.1f} MiB: Ray warns from 10 MiB; keep data out of the tree"
-        )
+        assert size < 10 * MIB, f"{name} is {size / MIB:.1f} MiB: Ray warns from 10 MiB; keep data out of the tree"
     assert sum(uploaded.values()) < 50 * MIB
 
 
@@ -291,6 +287,48 @@ def test_launcher_refuses_a_port_that_is_taken(tmp_path):
     assert launcher(tmp_path / "stack", "down").returncode == 0
 
 
+def settings_from(argv: list[str], environ: dict[str, str], monkeypatch):
+    """The settings `up` would ask for with these flags and exactly these GENGRAM_* variables."""
+    for name in [n for n in os.environ if n.startswith("GENGRAM_")]:
+        monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = local_stack.build_parser().parse_args(["up", *argv])
+    return local_stack.requested_settings(args)
+
+
+def test_launcher_settings_flags_over_environment_over_defaults(monkeypatch):
+    defaults = settings_from([], {}, monkeypatch)
+    assert (defaults.ray_port, defaults.mlflow, defaults.s3, defaults.fake_cluster) == (6379, True, False, None)
+    assert defaults.model_fields_set == set()  # nothing asked for: a running stack's settings stand
+    from_env = settings_from([], {"GENGRAM_RAY_PORT": "7000", "GENGRAM_S3": "yes", "GENGRAM_MLFLOW": "0",
+                                  "GENGRAM_FAKE_CLUSTER": "1", "GENGRAM_S3_BUCKET": ""}, monkeypatch)  # fmt: skip
+    assert (from_env.ray_port, from_env.s3, from_env.mlflow) == (7000, True, False)
+    assert from_env.fake_cluster == str(ROOT / "cluster" / "local-fake-multinode.yaml")
+    assert from_env.s3_bucket == "gengram-dev"  # an empty variable counts as unset
+    assert from_env.model_fields_set == {"ray_port", "s3", "mlflow", "fake_cluster"}
+    flagged = settings_from(["--ray-port", "7100", "--no-mlflow"], {"GENGRAM_RAY_PORT": "7000"}, monkeypatch)
+    assert (flagged.ray_port, flagged.mlflow) == (7100, False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "complaint"),
+    [("GENGRAM_RAY_PORT", "sixty", "is not a number"), ("GENGRAM_S3", "maybe", "is not a boolean")],
+)
+def test_launcher_names_a_bad_variable_in_one_line(tmp_path, variable, value, complaint):
+    result = launcher(tmp_path / "stack", "up", "--no-mlflow", env=clean_env(**{variable: value}), timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"local-stack: {variable}={value!r} {complaint}")
+    assert not (tmp_path / "stack" / "stack.json").exists()  # refused before anything was written
+
+
+def test_launcher_service_table_names_every_port_setting():
+    ports = [setting for service in local_stack.SERVICES for setting in service.ports]
+    assert sorted(ports) == sorted(name for name in local_stack.Settings.model_fields if name.endswith("_port"))
+    assert [service.name for service in local_stack.SERVICES] == ["s3", "mlflow", "ray"]
+
+
 # ----------------------------------------------------------------------------- the running stack
 
 
@@ -316,9 +354,7 @@ class Stack:
     def submit(self, working_dir: Path, entrypoint: list[str], env: dict, timeout: float = 240):
         command = [str(RAY), "job", "submit", "--address", self.urls["ray_dashboard"],
                    "--working-dir", str(working_dir), "--", *entrypoint]  # fmt: skip
-        return subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=env, cwd=working_dir
-        )
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=working_dir)
 
 
 @pytest.fixture(scope="module")
@@ -384,9 +420,7 @@ class TestLocalStack:
         assert without.returncode != 0
         assert "Unauthorized" in without.stdout + without.stderr
 
-        wrong = stack.submit(
-            tmp_path, entry, clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-        )
+        wrong = stack.submit(tmp_path, entry, clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)))
         assert wrong.returncode != 0
         assert re.search(r"Forbidden|Unauthorized|Invalid", wrong.stdout + wrong.stderr)
 
