@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 
 from jobs.tokenize import TokenizeConfig, genomes, run
-from jobs.tokenize.fasta import Source, read_fasta
+from jobs.common.fasta import Source, read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "state" / "bench" / "tokenize"

@@ -21,7 +21,7 @@ from test_tokenize_units import ERRORS, write_error_case
 from jobs.common.config import ConfigError
 from jobs.common.dataset import load_manifest, read_eval_rows, split_paths, tokens_array
 from jobs.tokenize import TokenizeConfig, genomes, run, summary
-from jobs.tokenize.fasta import InputError
+from jobs.common.fasta import InputError
 from model.vocab import PAD, decode, reverse_complement
 
 pytestmark = pytest.mark.ray

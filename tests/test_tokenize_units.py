@@ -14,9 +14,10 @@ from conftest import RCRS_FASTA, ROOT
 from jobs.common import storage
 from jobs.common.config import ConfigError, build_config, load_config
 from jobs.common.dataset import SCHEMA_VERSION, Manifest, check_compatible, load_manifest
-from jobs.tokenize import TokenizeConfig, fasta, genomes
+from jobs.common import fasta
+from jobs.tokenize import TokenizeConfig, genomes
 from jobs.tokenize.assemblies import AssemblyList, InputSpec, load_assembly_list, ncbi_download_url
-from jobs.tokenize.fasta import InputError, Source, ncbi_member, read_fasta
+from jobs.common.fasta import InputError, Source, ncbi_member, read_fasta
 from jobs.tokenize.fragments import (
     BUCKETS,
     KEEP_ALL,
@@ -29,7 +30,7 @@ from jobs.tokenize.fragments import (
     selection_limits,
     window_keys,
 )
-from jobs.tokenize.genes import GeneIndex
+from jobs.common.genes import GeneIndex
 from jobs.tokenize.plan import group_rows, make_plan
 from model.vocab import PAD, decode, encode
 

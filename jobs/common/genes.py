@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jobs.tokenize.fasta import CorruptInput, InputError, Source
+from jobs.common.fasta import CorruptInput, InputError, Source
 
 # Feature types that mark a gene in GFF3 (NCBI, Ensembl) and GTF (GENCODE, Ensembl).
 GENE_FEATURES = frozenset({b"gene", b"ncRNA_gene", b"pseudogene"})

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.common.config import ConfigError
-from jobs.tokenize.genes import GeneIndex
+from jobs.common.genes import GeneIndex
 from model.vocab import COMPLEMENT, PAD, N
 
 # Balancing keeps, per group, the fragments whose selection key falls in the lowest buckets

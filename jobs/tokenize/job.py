@@ -47,7 +47,7 @@ from jobs.common.dataset import (
 from jobs.common.ray_session import ensure_ray
 from jobs.tokenize.config import TokenizeConfig
 from jobs.tokenize.datasource import read_dataset
-from jobs.tokenize.fasta import InputError
+from jobs.common.fasta import InputError
 from jobs.tokenize.fragments import (
     BUCKETS,
     DROP_REASONS,

@@ -11,7 +11,7 @@ import pyarrow as pa
 from jobs.common.dataset import (
     shard_schema,
 )
-from jobs.tokenize.fasta import InputError, read_fasta
+from jobs.common.fasta import InputError, read_fasta
 from jobs.tokenize.fragments import (
     BUCKETS,
     FragmentFilter,
@@ -22,7 +22,7 @@ from jobs.tokenize.fragments import (
     Windows,
     bucket_histogram,
 )
-from jobs.tokenize.genes import GeneIndex
+from jobs.common.genes import GeneIndex
 from jobs.tokenize.plan import WorkItem
 
 
