@@ -194,12 +194,14 @@ class Block(nn.Module):
         )
 
     def forward(self, x: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor,
-                windows: KmerWindows | None = None) -> tuple[Tensor, FFNOutput]:
-        if self.gengram is not None:
-            x = x + self.gengram(x, input_ids, windows)
+                windows: KmerWindows | None = None) -> tuple[Tensor, FFNOutput, Tensor | None]:
+        """The block's output, its FFN's, and what Gengram wrote into the residual stream (None without)."""
+        write = self.gengram(x, input_ids, windows) if self.gengram is not None else None
+        if write is not None:
+            x = x + write
         x = x + self.attn(self.attn_norm(x), cos, sin)
         ffn = self.ffn(self.ffn_norm(x))
-        return x + ffn.out, ffn
+        return x + ffn.out, ffn, write
 
 
 @dataclass
@@ -213,6 +215,10 @@ class LMOutput:
     expert_counts: routes to each expert [E], before any capacity limit (top-k choices of every token).
     dropped_fraction: share of that layer's routes dropped by expert capacity; empty when dropless.
     gate_stats: Gengram layer id -> {"gate_mean", "gate_open_fraction"} (detached scalars).
+    With forward(keep_hidden=True), for evaluation:
+    hidden_states: the residual stream [B, S, H] after the embedding (index 0) and after each layer l
+    (index l), before the final norm; gengram_writes: Gengram layer id -> Gengram_l(h, x) [B, S, H],
+    what that layer's memory added to the stream; gengram_gates: layer id -> alpha_l [B, S].
     """
 
     logits: Tensor
@@ -225,6 +231,9 @@ class LMOutput:
     expert_counts: dict[int, Tensor] = field(default_factory=dict)
     dropped_fraction: dict[int, Tensor] = field(default_factory=dict)
     gate_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    hidden_states: list[Tensor] = field(default_factory=list)
+    gengram_writes: dict[int, Tensor] = field(default_factory=dict)
+    gengram_gates: dict[int, Tensor] = field(default_factory=dict)
 
 
 class GengramLM(nn.Module):
@@ -276,6 +285,10 @@ class GengramLM(nn.Module):
             for gate, drop_tokens in zip(gates, saved, strict=True):
                 gate.drop_tokens = drop_tokens
 
+    def readout(self, hidden: Tensor) -> Tensor:
+        """Logits from a residual stream: the final norm, then the LM head (LogitLens reads any layer so)."""
+        return self.lm_head(self.norm(hidden))
+
     def lm_loss(self, logits: Tensor, input_ids: Tensor) -> Tensor:
         """Next-token cross-entropy over targets that are not ignored (always PAD)."""
         targets = input_ids[:, 1:]
@@ -286,7 +299,7 @@ class GengramLM(nn.Module):
         # A batch whose targets are all ignored yields 0 with a graph, never 0/0.
         return (per_token * keep.reshape(-1)).sum() / keep.sum().clamp(min=1)
 
-    def forward(self, input_ids: Tensor, compute_loss: bool = True) -> LMOutput:
+    def forward(self, input_ids: Tensor, compute_loss: bool = True, keep_hidden: bool = False) -> LMOutput:
         input_ids = input_ids.long()
         S = input_ids.shape[1]
         if S > self.config.max_seq_len:
@@ -297,8 +310,15 @@ class GengramLM(nn.Module):
         windows = gengrams[0].windows(input_ids) if gengrams else None
         aux_losses, z_losses = [], []
         output = LMOutput(logits=x)
+        if keep_hidden:
+            output.hidden_states.append(x)
         for layer in self.layers:
-            x, ffn = layer(x, input_ids, cos, sin, windows)
+            x, ffn, write = layer(x, input_ids, cos, sin, windows)
+            if keep_hidden:
+                output.hidden_states.append(x)
+                if write is not None:
+                    output.gengram_writes[layer.layer_id] = write
+                    output.gengram_gates[layer.layer_id] = layer.gengram.last_gate
             if ffn.aux_loss is not None:
                 aux_losses.append(ffn.aux_loss)
                 z_losses.append(ffn.z_loss)
@@ -309,7 +329,7 @@ class GengramLM(nn.Module):
                     output.dropped_fraction[layer.layer_id] = ffn.dropped_fraction
             if layer.gengram is not None:
                 output.gate_stats[layer.layer_id] = layer.gengram.gate_stats()
-        output.logits = self.lm_head(self.norm(x))
+        output.logits = self.readout(x)
         if compute_loss:
             zero = output.logits.new_zeros((), dtype=torch.float32)
             output.lm_loss = self.lm_loss(output.logits, input_ids)

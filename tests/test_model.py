@@ -159,3 +159,29 @@ def test_flavour_overrides_keep_gengram_width_in_sync():
     assert dataclasses.replace(config, gengram=None).has_gengram is False
     with pytest.raises(ValueError, match="unknown model flavour"):
         flavour("gpt-5")
+
+
+def test_keep_hidden_exposes_the_residual_stream_and_gengram_writes_without_changing_logits():
+    torch.manual_seed(0)
+    model = GengramLM(flavour("debug")).eval()
+    ids = torch.randint(1, 6, (2, 48))
+    captured = {}
+    hooks = [
+        layer.gengram.register_forward_hook(lambda module, args, out, i=layer.layer_id: captured.update({i: out}))
+        for layer in model.layers
+        if layer.gengram is not None
+    ]
+    with torch.no_grad():
+        plain = model(ids, compute_loss=False)
+        traced = model(ids, compute_loss=False, keep_hidden=True)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(plain.logits, traced.logits)
+    assert len(traced.hidden_states) == model.config.num_layers + 1
+    assert torch.equal(traced.hidden_states[0], model.embed(ids))
+    assert torch.equal(model.readout(traced.hidden_states[-1]), traced.logits)
+    assert sorted(traced.gengram_writes) == sorted(model.config.gengram_layers) == sorted(captured)
+    for layer_id, write in traced.gengram_writes.items():
+        assert torch.equal(write, captured[layer_id])
+        assert traced.gengram_gates[layer_id].shape == ids.shape
+    assert plain.hidden_states == [] and plain.gengram_writes == {}
