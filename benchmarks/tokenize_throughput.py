@@ -22,8 +22,8 @@ import time
 import zlib
 from pathlib import Path
 
-from jobs.tokenize import TokenizeConfig, genomes, run
 from jobs.common.fasta import Source, read_fasta
+from jobs.tokenize import TokenizeConfig, genomes, run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "state" / "bench" / "tokenize"

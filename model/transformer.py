@@ -21,8 +21,8 @@ and the MoE layer gets its expert-parallel groups from `deepspeed.initialize`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch

@@ -16,7 +16,7 @@ from jobs.common import cli
 from jobs.common.errors import Interrupted
 from jobs.pretrain import PretrainConfig
 
-ENTRYPOINTS = ["jobs.tokenize", "jobs.pretrain", "jobs.tune", "jobs.quickstart"]
+ENTRYPOINTS = ["jobs.tokenize", "jobs.pretrain", "jobs.tune", "jobs.evaluate", "jobs.quickstart"]
 
 
 def run_job(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -45,6 +45,10 @@ def test_help_describes_the_job(module):
     ("jobs.tokenize", ["--config", "jobs/configs/tokenize-quickstart.yaml", "manifest=x.yaml"], "assemblies"),
     ("jobs.tune", ["--config", "jobs/configs/tune-quickstart.yaml", "space.window_size=[3]"], "space.window_size=3"),
     ("jobs.quickstart", ["train.micro_batch_size=3"], "train.global_batch_size"),
+    ("jobs.evaluate", ["--config", "jobs/configs/evaluate-quickstart.yaml", "embedding.pooling=median"],
+     "embedding.pooling"),
+    ("jobs.evaluate", ["--config", "jobs/configs/evaluate-quickstart.yaml", "models=[{name: a, kind: random_init}]"],
+     "`like` names the model"),
 ])
 def test_bad_config_is_one_line_and_exit_2(module, args, named):
     result = run_job(module, *args)
@@ -54,11 +58,12 @@ def test_bad_config_is_one_line_and_exit_2(module, args, named):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["jobs.pretrain", "jobs.tune"])
+@pytest.mark.parametrize("module", ["jobs.pretrain", "jobs.tune", "jobs.evaluate"])
 def test_unreachable_tracking_is_one_line_and_exit_2(module):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     key = "pretrain.overrides.tracking" if module == "jobs.tune" else "tracking"
-    config = ["--config", "jobs/configs/tune-quickstart.yaml"] if module == "jobs.tune" else []
+    config = {"jobs.tune": ["--config", "jobs/configs/tune-quickstart.yaml"],
+              "jobs.evaluate": ["--config", "jobs/configs/evaluate-quickstart.yaml"]}.get(module, [])
     result = run_job(module, *config, f"{key}.uri={dead}", f"{key}.preflight_timeout_s=1")
     assert result.returncode == cli.EXIT_BAD_INPUT, result.stderr
     lines = result.stderr.strip().splitlines()

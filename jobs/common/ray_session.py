@@ -12,7 +12,7 @@ VERBOSE_VARIABLE = "GENGRAM_VERBOSE"
 # the one line per logged step that the jobs print themselves. The root logger ("") is among them:
 # Ray Train's per-report line comes from a logger named by its file path, which only the root
 # logger's level reaches (in a Train worker the root logger is Train's console handler).
-CHATTY_LOGGERS = ("", "ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed")
+CHATTY_LOGGERS = ("", "ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed", "mlflow")
 # Ray Train V2 replaces `print` in its workers with one that logs through the root logger and also
 # writes to the (wrapped) stdout: every line a worker prints reached the console twice. Train hands
 # this variable from the driver to its controller and workers.

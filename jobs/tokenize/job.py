@@ -44,10 +44,10 @@ from jobs.common.dataset import (
     load_manifest,
     manifest_url,
 )
+from jobs.common.fasta import InputError
 from jobs.common.ray_session import ensure_ray
 from jobs.tokenize.config import TokenizeConfig
 from jobs.tokenize.datasource import read_dataset
-from jobs.common.fasta import InputError
 from jobs.tokenize.fragments import (
     BUCKETS,
     DROP_REASONS,

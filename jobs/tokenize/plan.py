@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from jobs.common import storage
 from jobs.common.config import ConfigError, config_hash, config_to_dict
+from jobs.common.fasta import Source, ncbi_member
 from jobs.tokenize.assemblies import BUNDLED, NCBI_DATASETS_API, InputSpec, load_assembly_list
 from jobs.tokenize.config import TokenizeConfig
-from jobs.common.fasta import Source, ncbi_member
 
 BLOCK_BYTES = 32 << 20  # token payload per Arrow block handed to Ray Data
 ROW_GROUP_BYTES = 64 << 20  # token payload per Parquet row group

@@ -12,6 +12,7 @@ from jobs.common.dataset import (
     shard_schema,
 )
 from jobs.common.fasta import InputError, read_fasta
+from jobs.common.genes import GeneIndex
 from jobs.tokenize.fragments import (
     BUCKETS,
     FragmentFilter,
@@ -22,7 +23,6 @@ from jobs.tokenize.fragments import (
     Windows,
     bucket_histogram,
 )
-from jobs.common.genes import GeneIndex
 from jobs.tokenize.plan import WorkItem
 
 
