@@ -98,3 +98,12 @@ def test_a_run_that_did_not_succeed_exits_1(capsys):
                   succeeded=lambda result: False)
     assert cli.main(job, []) == cli.EXIT_FAILED
     assert capsys.readouterr().out.strip() == "no best trial"
+
+
+@pytest.mark.parametrize("name", ["evaluate-quickstart.yaml", "evaluate-paper-tasks.yaml"])
+def test_shipped_evaluation_configs_validate(name):
+    from jobs.common.config import load_config
+    from jobs.evaluate import EvaluateConfig
+
+    config = load_config(EvaluateConfig, str(ROOT / "jobs" / "configs" / name))
+    assert config.models and config.tasks
