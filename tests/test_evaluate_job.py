@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -163,6 +164,8 @@ def test_every_model_uri_form_reads_the_same_weights(tmp_path, model_dir, mlflow
     name = f"evaluate-{tmp_path.name}"
     log_gengram_model(mlflow_server.tracking_uri, run_id, model_dir, name)
     client.set_registered_model_alias(name, "champion", "1")
+    # the job must name its own store everywhere: a process-wide default elsewhere (here an empty one) is no help
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
     models = [{"name": "by-version", "uri": f"models:/{name}/1"},
               {"name": "by-alias", "uri": f"models:/{name}@champion"},
               {"name": "latest", "uri": f"models:/{name}/latest"},

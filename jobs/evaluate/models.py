@@ -78,8 +78,8 @@ def _resolve_trained(entry: ModelEntry, config: EvaluateConfig, tracking_uri: st
     where = f"models.{entry.name}.uri={entry.uri}"
     cache = Path(storage.absolute(config.model_cache))
     if entry.uri.startswith(("models:/", "runs:/")):
-        identity, source_run = _mlflow_identity(entry.uri, tracking_uri, where)
-        directory = _download_mlflow(entry.uri, tracking_uri, identity, cache, where)
+        identity, source_run, location = _mlflow_identity(entry.uri, tracking_uri, where)
+        directory = _download_mlflow(location, tracking_uri, identity, cache, where)
     else:
         directory = _fetch_export(entry.uri, config, cache, where)
         identity, source_run = "export-" + _content_hash(directory), None
@@ -97,13 +97,21 @@ def _resolve_trained(entry: ModelEntry, config: EvaluateConfig, tracking_uri: st
                          source_run_id=source_run)
 
 
-def _mlflow_identity(uri: str, tracking_uri: str, where: str) -> tuple[str, str | None]:
-    client = MlflowClient(tracking_uri)
+def _mlflow_identity(uri: str, tracking_uri: str, where: str) -> tuple[str, str | None, str]:
+    """(identity, the run that logged it, where its files are). The location of a registered version comes
+    from this tracking store's registry: a models:/ URI handed to MLflow as is would be looked up in the
+    process's default registry instead."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         if uri.startswith("runs:/"):
             run_id, _, path = uri.removeprefix("runs:/").partition("/")
-            client.get_run(run_id)
-            return f"run-{run_id}-{slug(path or 'model')}", run_id
+            run = client.get_run(run_id)
+            name = path or "model"
+            # MLflow 3 keeps a model logged in a run as a LoggedModel beside the run's own artifacts
+            logged = [m for m in client.search_logged_models([run.info.experiment_id], f"name = '{name}'")
+                      if m.source_run_id == run_id]
+            location = logged[0].artifact_location if logged else f"{run.info.artifact_uri}/{name}"
+            return f"run-{run_id}-{slug(name)}", run_id, location
         name_and_version = uri.removeprefix("models:/")
         if "@" in name_and_version:
             name, alias = name_and_version.split("@", 1)
@@ -117,9 +125,10 @@ def _mlflow_identity(uri: str, tracking_uri: str, where: str) -> tuple[str, str 
                 version = max(versions, key=lambda v: int(v.version))
             else:
                 version = client.get_model_version(name, number)
+        location = client.get_model_version_download_uri(version.name, version.version)
     except MlflowException as error:
         raise ModelUnavailable(f"{where}: does not resolve ({_first_line(error)})") from None
-    return f"registered-{slug(version.name)}-v{version.version}", version.run_id
+    return f"registered-{slug(version.name)}-v{version.version}", version.run_id, location
 
 
 def _download_mlflow(uri: str, tracking_uri: str, identity: str, cache: Path, where: str) -> Path:
