@@ -20,8 +20,8 @@ from test_tokenize_units import ERRORS, write_error_case
 
 from jobs.common.config import ConfigError
 from jobs.common.dataset import load_manifest, read_eval_rows, split_paths, tokens_array
-from jobs.tokenize import TokenizeConfig, genomes, run, summary
 from jobs.common.fasta import InputError
+from jobs.tokenize import TokenizeConfig, genomes, run, summary
 from model.vocab import PAD, decode, reverse_complement
 
 pytestmark = pytest.mark.ray

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from conftest import RCRS_FASTA, ROOT
 
-from jobs.common import storage
+from jobs.common import fasta, storage
 from jobs.common.config import ConfigError, build_config, load_config
 from jobs.common.dataset import SCHEMA_VERSION, Manifest, check_compatible, load_manifest
-from jobs.common import fasta
+from jobs.common.fasta import InputError, Source, ncbi_member, read_fasta
+from jobs.common.genes import GeneIndex
 from jobs.tokenize import TokenizeConfig, genomes
 from jobs.tokenize.assemblies import AssemblyList, InputSpec, load_assembly_list, ncbi_download_url
-from jobs.common.fasta import InputError, Source, ncbi_member, read_fasta
 from jobs.tokenize.fragments import (
     BUCKETS,
     KEEP_ALL,
@@ -30,7 +30,6 @@ from jobs.tokenize.fragments import (
     selection_limits,
     window_keys,
 )
-from jobs.common.genes import GeneIndex
 from jobs.tokenize.plan import group_rows, make_plan
 from model.vocab import PAD, decode, encode
 
