@@ -235,7 +235,8 @@ def run(config: EvaluateConfig) -> EvaluationResult:
             for task in tasks:
                 print(f"evaluate: {model.name} on {task.name} ({task.examples.num_rows} examples)", flush=True)
                 features, scores = evaluation.features(model, task, weights, layers)
-                evaluation.probe(model, task, features, child_id, plot_layer=layers[-1])
+                if task.kind == "classification" or config.zero_shot.embedding_probe:
+                    evaluation.probe(model, task, features, child_id, plot_layer=layers[-1])
                 evaluation.zero_shot(model, task, scores)
             if model.is_transformer and sequences is not None:
                 interpretation.add(model, sequences, config.interpretability, weights)
