@@ -158,8 +158,13 @@ def run_inference(
     """`rows` (id, label, and sequence or ref_sequence/alt_sequence) through a pool of `actors`; the
     outputs as columns in the order of `rows`."""
     length_column = "sequence" if "sequence" in rows.column_names else "ref_sequence"
-    order = np.argsort(pa.compute.utf8_length(rows[length_column]).to_numpy(), kind="stable")
-    dataset = ray.data.from_arrow(rows.take(order)).map_batches(
+    ordered = rows.take(np.argsort(pa.compute.utf8_length(rows[length_column]).to_numpy(), kind="stable"))
+    # Blocks are what the pool hands out: one table would be one block for one actor. Four per actor keep
+    # them all busy to the end; each a whole number of batches.
+    per_block = -(-ordered.num_rows // (4 * actors))
+    per_block = -(-per_block // request.batch_size) * request.batch_size
+    blocks = [ordered.slice(start, per_block) for start in range(0, ordered.num_rows, per_block)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
         FrozenModel,
         fn_constructor_kwargs={
             "model_config": model_config.to_dict(),
