@@ -39,7 +39,7 @@ def main() -> None:
     torch.manual_seed(0)
     state = GengramLM(config).state_dict()
     request = EmbeddingRequest(layers=(config.num_layers,), pooling="mean", reverse_complement=False,
-                               long="error", batch_size=args.batch_size)
+                               batch_size=args.batch_size)
     tokens = args.sequences * args.length
 
     def batch(i: int) -> dict[str, np.ndarray]:

@@ -199,8 +199,7 @@ def test_a_sequence_embeds_alike_alone_in_a_batch_and_on_two_actors(model_dir, r
     weights = ray_cluster.put(exported.read_state_dict(exported.local(model_dir)))
     outputs = {}
     for batch_size, actors in ((1, 1), (8, 1), (8, 2)):
-        request = EmbeddingRequest(layers=(2, 4), pooling="mean", reverse_complement=False, long="error",
-                                   batch_size=batch_size)
+        request = EmbeddingRequest(layers=(2, 4), pooling="mean", reverse_complement=False, batch_size=batch_size)
         outputs[(batch_size, actors)] = run_inference(rows, config, weights, 0, request, actors, 1, 0)
     alone = outputs[(1, 1)]
     assert list(alone["id"]) == rows["id"].to_pylist()

@@ -19,11 +19,12 @@ from jobs.common.genes import read_features
 from jobs.common.storage import options_for
 from jobs.evaluate import interpret
 from jobs.evaluate.config import EvaluateConfig, InterpretabilitySection
+from jobs.evaluate.embed import padded
 from jobs.evaluate.models import ResolvedModel
 from jobs.evaluate.outputs import slug
 from jobs.evaluate.sources import TaskData
 from model import GengramLM
-from model.vocab import PAD, encode
+from model.vocab import encode
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,7 @@ class Sequences:
 
     def batch(self, context: int) -> torch.Tensor:
         """The rows cut to `context` and padded on the right with PAD."""
-        rows = [row[:context] for row in self.tokens]
-        batch = np.full((len(rows), max(len(r) for r in rows)), PAD, dtype=np.int64)
-        for i, row in enumerate(rows):
-            batch[i, : len(row)] = row
-        return torch.from_numpy(batch)
+        return padded([row[:context] for row in self.tokens])
 
 
 def load_sequences(config: EvaluateConfig, tasks: list[TaskData]) -> Sequences:
@@ -57,10 +54,13 @@ def load_sequences(config: EvaluateConfig, tasks: list[TaskData]) -> Sequences:
         return Sequences(ids, tokens, tracks)
     source = Source(chosen.fasta, options_for(chosen.fasta, config.storage))
     records: dict[str, list[np.ndarray]] = {}
+    held: dict[str, int] = {}
     for name, piece in read_fasta(source):
         if name not in records and len(records) == chosen.max_sequences:
             break
-        records.setdefault(name, []).append(piece)
+        if held.get(name, 0) < chosen.length:  # a chromosome-long record is read, not held, past `length`
+            records.setdefault(name, []).append(piece)
+            held[name] = held.get(name, 0) + piece.size
     names = list(records)
     tokens = [np.concatenate(pieces)[: chosen.length] for pieces in records.values()]
     features = []

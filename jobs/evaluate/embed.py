@@ -23,12 +23,11 @@ from model.vocab import COMPLEMENT, PAD, encode
 
 @dataclass(frozen=True)
 class EmbeddingRequest:
-    """What every actor needs besides its model: which layers, how to pool, what to do past the context."""
+    """What every actor needs besides its model: which layers, how to pool, how to score variants."""
 
     layers: tuple[int, ...]  # 1..L; L is read after the final norm
     pooling: str
     reverse_complement: bool
-    long: str  # error | window
     batch_size: int
     reduction: str = "sum"  # log-likelihood of a variant window: sum or mean over its predicted tokens
 

@@ -62,23 +62,20 @@ def layers_of(config: EvaluateConfig, model: ResolvedModel) -> tuple[int, ...]:
 
 
 def check_fits(config: EvaluateConfig, models: list[ResolvedModel], tasks: list[TaskData]) -> None:
-    """A sequence longer than a model's context is refused, with its id, unless embedding.long is `window`."""
+    """A classification sequence longer than a model's context is refused, with its id, unless embedding.long
+    is `window`. (Variant windows are cropped to the context, centred on the variant.)"""
     for model in (m for m in models if m.is_transformer):
         layers_of(config, model)
-        for task in tasks:
-            column = "sequence" if task.kind == "classification" else "ref_sequence"
-            if task.kind == "variant_effect" or config.embedding.long == "error":
-                lengths = pa.compute.utf8_length(task.examples[column]).to_numpy()
-                limit = model.config.max_seq_len if task.kind == "classification" else (
-                    config.zero_shot.window or model.config.max_seq_len)
-                if task.kind == "variant_effect" and config.zero_shot.window is None and lengths.max() > limit:
-                    continue  # cropped to the context, centred on the variant
-                if lengths.max() > limit:
-                    longest = int(lengths.argmax())
-                    raise ConfigError(
-                        f"tasks.{task.name}: sequence {task.examples['id'][longest]} has {lengths[longest]} bases, "
-                        f"more than model {model.name!r} reads ({limit}); set embedding.long=window to embed it "
-                        "in windows")
+        if config.embedding.long == "window":
+            continue
+        for task in (t for t in tasks if t.kind == "classification"):
+            lengths = pa.compute.utf8_length(task.examples["sequence"]).to_numpy()
+            longest = int(lengths.argmax())
+            if lengths[longest] > model.config.max_seq_len:
+                raise ConfigError(
+                    f"tasks.{task.name}: sequence {task.examples['id'][longest]} has {lengths[longest]} bases, "
+                    f"more than model {model.name!r} reads ({model.config.max_seq_len}); set embedding.long=window "
+                    "to embed it in windows")
 
 
 def crop_variants(examples: pa.Table, length: int) -> pa.Table:
@@ -151,7 +148,7 @@ class Evaluation:
             embedding, resources = self.config.embedding, self.config.resources
             request = EmbeddingRequest(layers=layers, pooling=embedding.pooling,
                                        reverse_complement=embedding.reverse_complement == "average",
-                                       long=embedding.long, batch_size=embedding.batch_size,
+                                       batch_size=embedding.batch_size,
                                        reduction=self.config.zero_shot.reduction)
             columns = run_inference(
                 examples.drop_columns(["split"]), model.config, weights, model.seed, request,
