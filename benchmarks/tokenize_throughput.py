@@ -33,12 +33,12 @@ CONTIG_MBP = 25  # chromosome-sized contigs
 def genome(index: int, mbases: int) -> tuple[Path, int]:
     """A cached generated genome of `mbases` Mbp and its number of bases."""
     contigs = [CONTIG_MBP * 1_000_000] * (mbases // CONTIG_MBP) + [mbases % CONTIG_MBP * 1_000_000]
-    recipe = genomes.Recipe(f"bench-{index}-{mbases}mbp", contigs=tuple(c for c in contigs if c), seed=100 + index)
+    recipe = genomes.Recipe(name=f"bench-{index}-{mbases}mbp", contigs=tuple(c for c in contigs if c), seed=100 + index)
     path = WORK / f"{recipe.name}.fa.gz"
     if not path.exists():
         print(f"generating {path.name} ...", flush=True)
         WORK.mkdir(parents=True, exist_ok=True)
-        genomes.write(recipe, WORK)
+        genomes.write_genome(recipe, WORK)
     return path, sum(recipe.contigs)
 
 

@@ -31,7 +31,7 @@ RCRS = {"url": str(RCRS_FASTA), "assembly": "NC_012920.1", "organism": "Homo sap
 
 def generated(tmp_path: Path, name: str, contigs: tuple[int, ...], seed: int, group: str = "non-human") -> dict:
     """A generated genome written as gzipped FASTA, as an input entry."""
-    path = genomes.write(genomes.Recipe(name, contigs=contigs, seed=seed), tmp_path)
+    path = genomes.write_genome(genomes.Recipe(name=name, contigs=contigs, seed=seed), tmp_path)
     return {"url": str(path), "assembly": name, "organism": f"{name} (synthetic)", "group": group}
 
 
@@ -132,7 +132,7 @@ def test_quickstart_is_deterministic_and_reruns_are_safe(ray_cluster, tmp_path):
 
 def test_crash_then_rerun_matches_an_uninterrupted_run(ray_cluster, tmp_path):
     # Three inputs of 8 Mbp (the same text under three names), plain FASTA: seconds of work, ~60 shards.
-    text = genomes.fasta_bytes(genomes.Recipe("crash", contigs=(6_000_000, 2_000_000), seed=10))
+    text = genomes.fasta_bytes(genomes.Recipe(name="crash", contigs=(6_000_000, 2_000_000), seed=10))
     inputs = []
     for i in range(3):
         (tmp_path / f"crash-{i}.fa").write_bytes(text)

@@ -38,11 +38,11 @@ import pyarrow.json
 import pyarrow.parquet
 from pydantic import Field, field_validator, model_validator
 
-from jobs.common import storage
+from jobs.common import motifs, storage
 from jobs.common.config import ConfigError, StrictModel
 from jobs.common.fasta import InputError, Source, read_fasta
 from jobs.common.storage import StorageRule, options_for
-from model.vocab import A, C, G, InvalidSequenceError, N, T, decode, encode, reverse_complement
+from model.vocab import InvalidSequenceError, N, decode, encode, reverse_complement
 
 SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "eval": "validation", "test": "test"}
@@ -66,10 +66,6 @@ TABLE_READERS = {
     ".tsv": (functools.partial(pyarrow.csv.read_csv, parse_options=pyarrow.csv.ParseOptions(delimiter="\t")), 2),
     ".jsonl": (pyarrow.json.read_json, 1),
 }
-MOTIF_BASES = np.array([A, C, G, T], dtype=np.uint8)  # the row order of a JASPAR count matrix
-# A quarter of a count per base keeps a base that no aligned site showed possible, without
-# flattening profiles that are built from hundreds of sites.
-PSEUDOCOUNT = 0.25
 WINDOW_TRIES = 100  # per background window wanted, before the background is judged too full of N
 
 
@@ -154,10 +150,8 @@ class JasparSource(StrictModel):
     @field_validator("release")
     @classmethod
     def _known_release(cls, release: str) -> str:
-        from pyjaspar import jaspar_releases
-
-        if release not in jaspar_releases:
-            raise ValueError(f"unknown JASPAR release {release!r}; pyjaspar has {', '.join(jaspar_releases)}")
+        if release not in motifs.releases():
+            raise ValueError(f"unknown JASPAR release {release!r}; pyjaspar has {', '.join(motifs.releases())}")
         return release
 
 
@@ -461,18 +455,15 @@ def _hub_splits(source: TableSource) -> dict[str, tuple[str, pa.Table, None]]:
 
 
 def _jaspar_task(task_name: str, source: JasparSource, storage_rules: Sequence[StorageRule]) -> TaskData:
-    from pyjaspar import jaspardb
-
-    motif = jaspardb(release=source.release).fetch_motif_by_id(source.motif)
-    if motif is None:
-        raise ConfigError(f"tasks.{task_name}.source.motif: {source.motif} is not in {source.release}")
-    counts = np.array([motif.counts[base] for base in "ACGT"], dtype=np.float64).T  # (site length, 4)
-    probabilities = (counts + PSEUDOCOUNT) / (counts + PSEUDOCOUNT).sum(axis=1, keepdims=True)
+    try:
+        profile = motifs.load_profile(source.motif, source.release)
+    except KeyError as error:
+        raise ConfigError(f"tasks.{task_name}.source.motif: {error.args[0]}") from None
     slot = source.length // source.sites
-    if slot < len(counts):
+    if slot < profile.length:
         raise ConfigError(
             f"tasks.{task_name}.source.length: {source.length} bases hold no {source.sites} sites of "
-            f"{motif.matrix_id} ({len(counts)} bases each) side by side"
+            f"{profile.matrix_id} ({profile.length} bases each) side by side"
         )
 
     url = source.background.fasta
@@ -487,7 +478,7 @@ def _jaspar_task(task_name: str, source: JasparSource, storage_rules: Sequence[S
             example_id = f"{classes[label]}-{i}"
             window, spans = windows[2 * i + label], []
             for j in range(source.sites):
-                site = sample_site(probabilities, rng)
+                site = profile.sample(rng.random(profile.length))
                 if label == 0:
                     site = dinucleotide_shuffle(site, rng)
                 window, at = _plant(window, site, rng, slot_start=j * slot, slot_length=slot)
@@ -524,11 +515,6 @@ def _background_windows(
         url,
         f"only {len(windows)} of {count} windows of {length} bases without N in {WINDOW_TRIES * count} random places",
     )
-
-
-def sample_site(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One site drawn from a (site length, 4) matrix of per-position A, C, G, T probabilities, as token ids."""
-    return np.array([rng.choice(MOTIF_BASES, p=column) for column in probabilities], dtype=np.uint8)
 
 
 def _plant(window: np.ndarray, site: np.ndarray, rng: np.random.Generator, slot_start: int,
