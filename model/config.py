@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.vocab import VOCAB_SIZE
+from model.vocab import EOD, PAD, VOCAB_SIZE, N
 
 Pooling = Literal["mean", "unique"]
 POOLING_MODES: tuple[str, ...] = ("mean", "unique")
@@ -186,6 +186,11 @@ class ModelConfig:
     def dropless(self) -> ModelConfig:
         """This config with dropless routing; the weights are the same, so a state dict loads into either."""
         return dataclasses.replace(self, drop_tokens=False)
+
+    @property
+    def ignored_targets(self) -> tuple[int, ...]:
+        """Token ids the LM loss does not score as targets."""
+        return (PAD,) + (N,) * self.ignore_n_targets + (EOD,) * self.ignore_eod_targets
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.is_moe and (self.moe_layers is None or layer_id in self.moe_layers)

@@ -32,7 +32,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import ModelConfig
 from model.gengram import Gengram, KmerWindows
-from model.vocab import EOD, PAD, N
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -245,8 +244,7 @@ class GengramLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, layer_id) for layer_id in range(1, config.num_layers + 1))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed
-        ignored = [PAD] + [N] * config.ignore_n_targets + [EOD] * config.ignore_eod_targets
-        self.register_buffer("ignored_targets", torch.tensor(ignored), persistent=False)
+        self.register_buffer("ignored_targets", torch.tensor(config.ignored_targets), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -22,6 +22,7 @@ import torch
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
+from jobs.common import tracking
 from jobs.common.config import ConfigError, load_config
 from jobs.common.tracking import RUN_NAME_TAG
 from jobs.pretrain import run
@@ -209,6 +210,19 @@ def test_rerunning_a_stopped_run_continues_from_its_last_checkpoint(dataset, mlf
     resumed = client.get_metric_history(runs[0].info.run_id, "resumed_from_step")
     assert resumed and resumed[-1].value >= 6
     assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == 24
+
+    # The resumed run trained on the very batches an uninterrupted one does: same curves after the resume.
+    reference = pretrain_cli(*short_run(dataset, tmp_path, mlflow_server.tracking_uri, "run_name=uninterrupted",
+                                        "train.max_steps=24", "tracking.registered_model=null",
+                                        "tracking.experiment=test-rerun"))
+    done = subprocess.run(reference, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    uninterrupted = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = 'uninterrupted'")[0]
+    for key in ("loss", "val_loss"):
+        steps, values = tracking.metric_history(client, runs[0].info.run_id, key)
+        expected = dict(zip(*tracking.metric_history(client, uninterrupted.info.run_id, key), strict=True))
+        after = [(s, v) for s, v in zip(steps, values, strict=True) if s > resumed[-1].value]
+        assert after and all(v == pytest.approx(expected[s], abs=1e-5) for s, v in after), (key, after, expected)
 
 
 @pytest.mark.parametrize(

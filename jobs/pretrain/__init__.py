@@ -5,6 +5,16 @@ The rest of the package (worker, metrics, weights, registry) is internal.
 """
 
 from jobs.pretrain.config import PretrainConfig, validate
-from jobs.pretrain.job import PretrainResult, check_dataset, required_cpus, run, summary
+from jobs.pretrain.job import (
+    PretrainResult,
+    check_dataset,
+    final_model_url,
+    required_cpus,
+    run,
+    summary,
+)
 
-__all__ = ["PretrainConfig", "PretrainResult", "check_dataset", "required_cpus", "run", "summary", "validate"]
+__all__ = [
+    "PretrainConfig", "PretrainResult", "check_dataset", "final_model_url", "required_cpus", "run", "summary",
+    "validate",
+]

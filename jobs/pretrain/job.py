@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs
 import ray
 import ray.data
@@ -26,8 +27,9 @@ from jobs.common.dataset import check_compatible, load_manifest, read_eval_rows,
 from jobs.common.ray_session import ensure_ray, is_verbose
 from jobs.common.storage import absolute, exists, join, pyarrow_filesystem
 from jobs.pretrain.config import PretrainConfig, deepspeed_config, validate
+from jobs.pretrain.metrics import unigram_entropy
 from jobs.pretrain.registry import log_gengram_model
-from jobs.pretrain.worker import FINAL_MODEL_DIR, train_worker
+from jobs.pretrain.worker import FINAL_MODEL_DIR, rank_slice, train_worker
 from model import ModelConfig, parameter_counts
 
 
@@ -53,6 +55,11 @@ def check_dataset(config: PretrainConfig, model_config: ModelConfig):
 def train_storage(config: PretrainConfig):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     return pyarrow_filesystem(absolute(config.checkpoint.storage), config.storage_options(config.checkpoint.storage))
+
+
+def final_model_url(config: PretrainConfig) -> str:
+    """Where a run's exported model lands: beside its checkpoints, where `model.init_from` finds it."""
+    return join(absolute(config.checkpoint.storage), config.run_name, FINAL_MODEL_DIR)
 
 
 def required_cpus(config: PretrainConfig) -> int:
@@ -110,12 +117,19 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
         # The train stream is endless (epochs until max_steps): a progress bar for it would
         # only flood the logs; training progress is logged per step by rank 0 and to MLflow.
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # Each epoch's order then follows from its seed alone, which an exact resume relies on (TrainStream).
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
         dataset, dataset_options = absolute(config.data.dataset), config.storage_options(config.data.dataset)
         train_paths, data_fs = split_paths(manifest, "train", dataset, dataset_options)
         train = ray.data.read_parquet(train_paths, columns=["tokens"], filesystem=data_fs)
         eval_rows = read_eval_rows(manifest, dataset, dataset_options,
                                    limit=config.train.eval_batches * config.train.micro_batch_size
                                    * config.resources.num_workers)
+        world = config.resources.num_workers
+        scored = np.concatenate([rank_slice(eval_rows, rank, world, config.train.eval_batches
+                                            * config.train.micro_batch_size) for rank in range(world)])
+        floor = unigram_entropy(scored, model_config.ignored_targets)
+        client.log_metric(run_id, "val_unigram_entropy", floor, step=0)
         storage_path, storage_fs = train_storage(config)
         use_gpu = config.resources.use_gpu
         trainer = TorchTrainer(
@@ -155,7 +169,7 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
         raise
     client.set_terminated(run_id, "FINISHED")
     return PretrainResult(run_id, tracking_uri, result.checkpoint.path, model_path, model_dir,
-                          dict(result.metrics or {}))
+                          {**(result.metrics or {}), "val_unigram_entropy": floor})
 
 
 def copy_directory(source: str, source_fs, destination: str, destination_fs) -> None:
@@ -215,4 +229,8 @@ def summary(result: PretrainResult) -> str:
         if key in metrics:
             value = metrics[key]
             lines.append(f"  {key + ':':<15} {value:.4f}" if isinstance(value, float) else f"  {key + ':':<15} {value}")
+    if "val_loss" in metrics:
+        floor = metrics["val_unigram_entropy"]
+        lines.append(f"  {'base freqs:':<15} {floor:.4f}  (the val loss of a model that knows only the val rows' "
+                     f"base frequencies; val_loss is {floor - metrics['val_loss']:+.4f} below it)")
     return "\n".join(lines)

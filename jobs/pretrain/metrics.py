@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -90,3 +91,13 @@ def evaluate(engine, rows: torch.Tensor, micro_batch_size: int, world: int) -> f
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+
+
+def unigram_entropy(rows: np.ndarray, ignored_targets: tuple[int, ...]) -> float:
+    """Nats per target of a model that knows only how often each token occurs among these rows' targets
+    (what the LM loss scores): a val loss has to go below it before a model has learnt more than base
+    composition."""
+    counts = np.bincount(rows[:, 1:].ravel(), minlength=256).astype(np.float64)
+    counts[list(ignored_targets)] = 0
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -75,26 +75,45 @@ def tokens_tensor(batch: pa.Table) -> torch.Tensor:
     return torch.from_numpy(tokens_array(batch).astype(np.int64))
 
 
-def train_batches(shard, config: PretrainConfig, rank: int, first_epoch: int) -> Iterator[torch.Tensor]:
-    """Endless stream of micro-batches; each epoch reshuffles locally with its own seed."""
-    epoch = first_epoch
-    while True:
-        produced = 0
-        for batch in shard.iter_batches(
-            batch_size=config.train.micro_batch_size,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
-            local_shuffle_seed=config.data.seed + 1000 * epoch + rank,
-        ):
-            produced += 1
-            yield tokens_tensor(batch)
-        if produced == 0:
-            raise RuntimeError(
-                f"worker {rank}: the train split gives no full micro-batch of {config.train.micro_batch_size} "
-                "rows; use a larger dataset or a smaller train.micro_batch_size"
-            )
-        epoch += 1
+class TrainStream:
+    """Endless micro-batches, epoch after epoch, each epoch reshuffled locally with its own seed.
+
+    Its position (the epoch, and the micro-batches taken in it) goes into every checkpoint, and a resumed
+    run skips to it: Ray Data streams cannot be rewound, but an epoch's order is fixed by its seed (the
+    pretraining job has Ray Data preserve order), so re-reading and dropping what was already taken gives
+    a resumed run the very batches an uninterrupted one trains on.
+    """
+
+    def __init__(self, shard, config: PretrainConfig, rank: int, epoch: int = 0, taken: int = 0):
+        self.shard, self.config, self.rank = shard, config, rank
+        self.epoch, self.taken = epoch, taken
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            produced = 0
+            for batch in self.shard.iter_batches(
+                batch_size=self.config.train.micro_batch_size,
+                batch_format="pyarrow",
+                drop_last=True,
+                local_shuffle_buffer_size=self.config.data.shuffle_buffer_rows or None,
+                local_shuffle_seed=self.config.data.seed + 1000 * self.epoch + self.rank,
+            ):
+                produced += 1
+                if produced <= self.taken:  # taken before the checkpoint this run resumed from
+                    continue
+                self.taken = produced
+                yield tokens_tensor(batch)
+            if produced == 0:
+                raise RuntimeError(
+                    f"worker {self.rank}: the train split gives no full micro-batch of "
+                    f"{self.config.train.micro_batch_size} rows; use a larger dataset or a smaller "
+                    "train.micro_batch_size"
+                )
+            self.epoch, self.taken = self.epoch + 1, 0
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "taken": self.taken}
 
 
 def rank_slice(rows: np.ndarray, rank: int, world: int, limit: int) -> np.ndarray:
@@ -130,12 +149,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ),
     )
 
-    step, epoch = 0, 0
+    step, position = 0, {"epoch": 0, "taken": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-            step, epoch = client_state["step"], client_state["epoch"] + 1
+            step, position = client_state["step"], client_state["stream"][rank]
             rng_file = Path(directory) / RNG_DIR / f"rank{rank}.pt"
             if rng_file.exists():
                 set_rng_state(torch.load(rng_file, weights_only=False))
@@ -147,9 +166,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.log({"resumed_from_step": start_step}, start_step)
     eval_limit = config.train.eval_batches * config.train.micro_batch_size
     eval_rows = torch.from_numpy(rank_slice(loop_config["eval_rows"], rank, world, eval_limit).astype(np.int64))
-    # Data order after a resume: a new epoch with a new shuffle seed, since Ray Data streams
-    # cannot be rewound to a position; weights, optimizer, schedule and RNG continue exactly.
-    batches = train_batches(ray.train.get_dataset_shard("train"), config, rank, first_epoch=epoch)
+    stream = TrainStream(ray.train.get_dataset_shard("train"), config, rank, **position)
+    batches = iter(stream)
     accumulation = config.gradient_accumulation_steps
     metrics_window = MetricAccumulator()
     last_metrics: dict[str, float] = {}
@@ -185,7 +203,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log({"val_loss": val_loss}, step)
         report = {**last_metrics, "step": step, "start_step": start_step, "final": last_step}
         if step % config.checkpoint.every == 0 or last_step:
-            report_checkpoint(engine, config, model_config, step, epoch, report, eval_rows, rank, world)
+            report_checkpoint(engine, config, model_config, step, stream.position, report, eval_rows, rank, world)
         elif evaluated:
             # Schedulers (Tune's ASHA) act on every evaluation, not only on checkpoints.
             ray.train.report(report)
@@ -194,10 +212,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.close()
 
 
-def report_checkpoint(engine, config: PretrainConfig, model_config: ModelConfig, step: int, epoch: int,
+def report_checkpoint(engine, config: PretrainConfig, model_config: ModelConfig, step: int, position: dict[str, int],
                       metrics: dict[str, float], eval_rows: torch.Tensor, rank: int, world: int) -> None:
+    # Every rank's stream position, gathered so the one client state DeepSpeed saves holds them all.
+    positions = [position]
+    if world > 1:
+        positions = [None] * world
+        torch.distributed.all_gather_object(positions, position)
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step, "epoch": epoch})
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step, "stream": positions})
         (Path(directory) / RNG_DIR).mkdir(exist_ok=True)
         torch.save(rng_state(), Path(directory) / RNG_DIR / f"rank{rank}.pt")
         if metrics["final"]:

@@ -7,7 +7,18 @@ the genome generator's recipes and writer are public, for the experiment's gener
 """
 
 from jobs.tokenize.config import TokenizeConfig
-from jobs.tokenize.genomes import IID, Recipe, Structure, write_genome
 from jobs.tokenize.job import run, summary
+
+GENOME_NAMES = ("IID", "Recipe", "Structure", "write_genome")
+
+
+def __getattr__(name: str):
+    # The generator is imported on first use, not with the package: `python -m jobs.tokenize.genomes`
+    # would otherwise find its module imported twice (runpy warns of it).
+    if name in GENOME_NAMES:
+        from jobs.tokenize import genomes
+
+        return getattr(genomes, name)
+    raise AttributeError(f"module 'jobs.tokenize' has no attribute {name!r}")
 
 __all__ = ["IID", "Recipe", "Structure", "TokenizeConfig", "run", "summary", "write_genome"]

@@ -5,6 +5,7 @@ Public API: the config, `run` and its summary. The rest (space, plan, trials, tu
 """
 
 from jobs.tune.config import TuneConfig
-from jobs.tune.job import TuneResult, run, summary
+from jobs.tune.job import TuneResult, required_cpus, run, summary
+from jobs.tune.plan import make_plan
 
-__all__ = ["TuneConfig", "TuneResult", "run", "summary"]
+__all__ = ["TuneConfig", "TuneResult", "make_plan", "required_cpus", "run", "summary"]
