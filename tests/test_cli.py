@@ -16,7 +16,9 @@ from jobs.common import cli
 from jobs.common.errors import Interrupted
 from jobs.pretrain import PretrainConfig
 
-ENTRYPOINTS = ["jobs.tokenize", "jobs.pretrain", "jobs.tune", "jobs.evaluate", "jobs.quickstart"]
+ENTRYPOINTS = [
+    "jobs.tokenize", "jobs.pretrain", "jobs.tune", "jobs.evaluate", "jobs.experiment", "jobs.quickstart",
+]
 
 
 def run_job(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -49,6 +51,8 @@ def test_help_describes_the_job(module):
      "embedding.pooling"),
     ("jobs.evaluate", ["--config", "jobs/configs/evaluate-quickstart.yaml", "models=[{name: a, kind: random_init}]"],
      "`like` names the model"),
+    ("jobs.experiment", ["--config", "jobs/configs/experiment-laptop.yaml", "--dry-run", "windows.values=[3, 21]"],
+     "window_size=3"),
 ])
 def test_bad_config_is_one_line_and_exit_2(module, args, named):
     result = run_job(module, *args)
