@@ -449,3 +449,23 @@ def test_variants_as_sequence_pairs(tmp_path):
         load("variant_effect", **keys)
     with pytest.raises(ConfigError, match=r"window does not apply to rows given as ref/alt sequence pairs"):
         source(**keys, window=128)
+
+
+def test_a_cooperative_pair_task_differs_between_classes_only_in_the_spacing(tmp_path):
+    rng = np.random.default_rng(8)
+    background = write_fasta(tmp_path / "generated.fa", {f"c{i}": random_bases(rng, 4000) for i in range(2)})
+    keys = {"type": "jaspar", "motif": "MA0079", "partner": "MA0060", "background": {"fasta": background},
+            "length": 80, "per_class": 150}  # SP1 (9 bp) then NF-Y (8 bp), 21 bp apart against 16 or 26
+    task = load(**keys)
+    assert task.classes == ("other spacing", "pair at 21 bp")
+    spans = task.tracks["planted site"]
+    lengths = collections.defaultdict(set)
+    for example_id, label in zip(column(task, "id"), column(task, "label"), strict=True):
+        (start, end), = spans[example_id]
+        lengths[label].add(end - start)
+    assert lengths == {1: {21 + 8}, 0: {16 + 8, 26 + 8}}
+    for motif in ("MA0079", "MA0060"):  # both factors in both classes, equally well
+        control, pair = mean_best_scores(task, log_odds(motif))
+        assert abs(pair - control) < 1.0 and pair > 5, motif
+    with pytest.raises(ConfigError, match="a spacing of 4 overlaps MA0079"):
+        load(**dict(keys, control_spacings=[4]))

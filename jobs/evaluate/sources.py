@@ -146,6 +146,13 @@ class JasparSource(StrictModel):
     per_class: int = Field(500, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+    # A cooperative-pair task instead: each site is `motif` then `partner` `spacing` bases further (start to
+    # start, one strand), against the very same pairs at one of `control_spacings`. Both classes hold the
+    # same k-mers but at the junction, so only a model that sees the spacing tells them apart; 21 bp is two
+    # helical turns (both factors on one face of the helix), 16 and 26 bp put them half a turn apart.
+    partner: str | None = Field(None, pattern=r"^[A-Z]{2,3}\d{4}(\.\d+)?$")
+    spacing: int = Field(21, ge=1)
+    control_spacings: list[int] = Field(default_factory=lambda: [16, 26], min_length=1)
 
     @field_validator("release")
     @classmethod
@@ -454,16 +461,28 @@ def _hub_splits(source: TableSource) -> dict[str, tuple[str, pa.Table, None]]:
 # ----------------------------------------------------------------------------- jaspar
 
 
-def _jaspar_task(task_name: str, source: JasparSource, storage_rules: Sequence[StorageRule]) -> TaskData:
+def _profile(task_name: str, key: str, motif_id: str, release: str) -> motifs.Profile:
     try:
-        profile = motifs.load_profile(source.motif, source.release)
+        return motifs.load_profile(motif_id, release)
     except KeyError as error:
-        raise ConfigError(f"tasks.{task_name}.source.motif: {error.args[0]}") from None
+        raise ConfigError(f"tasks.{task_name}.source.{key}: {error.args[0]}") from None
+
+
+def _jaspar_task(task_name: str, source: JasparSource, storage_rules: Sequence[StorageRule]) -> TaskData:
+    profile = _profile(task_name, "motif", source.motif, source.release)
+    partner = source.partner and _profile(task_name, "partner", source.partner, source.release)
+    site_length = profile.length
+    if partner:
+        spacings = [source.spacing, *source.control_spacings]
+        if min(spacings) < profile.length:
+            raise ConfigError(f"tasks.{task_name}.source: a spacing of {min(spacings)} overlaps {profile.matrix_id} "
+                              f"({profile.length} bases) with its partner")
+        site_length = max(spacings) + partner.length
     slot = source.length // source.sites
-    if slot < profile.length:
+    if slot < site_length:
         raise ConfigError(
             f"tasks.{task_name}.source.length: {source.length} bases hold no {source.sites} sites of "
-            f"{profile.matrix_id} ({profile.length} bases each) side by side"
+            f"{site_length} bases ({profile.matrix_id}{' with its partner' if partner else ''}) side by side"
         )
 
     url = source.background.fasta
@@ -471,15 +490,19 @@ def _jaspar_task(task_name: str, source: JasparSource, storage_rules: Sequence[S
     windows = _background_windows(
         [ids for _, ids in _records(url, storage_rules)], source.length, 2 * source.per_class, rng, url
     )
-    classes = ("background", "site")
+    classes = ("other spacing", f"pair at {source.spacing} bp") if partner else ("background", "site")
     columns, origins, planted = _columns(CLASSIFICATION_SCHEMA), [], {}
     for i in range(source.per_class):
-        for label in range(len(classes)):  # as `classes` orders them: shuffled sites first, then sites
+        for label in range(len(classes)):  # as `classes` orders them: controls first, then sites
             example_id = f"{classes[label]}-{i}"
             window, spans = windows[2 * i + label], []
             for j in range(source.sites):
                 site = profile.sample(rng.random(profile.length))
-                if label == 0:
+                if partner:
+                    spacing = source.spacing if label else int(rng.choice(source.control_spacings))
+                    filler = window[rng.integers(window.size, size=spacing - profile.length)]  # background bases
+                    site = np.concatenate([site, filler, partner.sample(rng.random(partner.length))])
+                elif label == 0:
                     site = dinucleotide_shuffle(site, rng)
                 window, at = _plant(window, site, rng, slot_start=j * slot, slot_length=slot)
                 spans.append((at, at + site.size))
