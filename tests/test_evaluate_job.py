@@ -294,3 +294,43 @@ def test_a_killed_evaluation_rerun_reuses_what_was_finished(tmp_path, model_dir,
     assert {path: stamp for path, stamp in mtimes(output).items() if path in finished} == finished
     results = json.loads((output / "results.json").read_text())
     assert {row["model"] for row in results["metrics"]} == {"exported", "other"}
+
+
+def frozen(request_changes: dict, max_seq_len: int = 4096):
+    """An untrained debug model as an actor holds it, built in this process (no Ray: it has no weights to get)."""
+    from jobs.evaluate.embed import EmbeddingRequest, FrozenModel
+
+    request = EmbeddingRequest(**{"layers": (2, 4), "pooling": "mean", "reverse_complement": False,
+                                  "batch_size": 4, **request_changes})
+    return FrozenModel(flavour("debug", max_seq_len=max_seq_len).to_dict(), [], 3, request)
+
+
+def test_a_sequence_past_the_context_is_the_length_weighted_mean_of_its_windows():
+    from jobs.evaluate.embed import layer_column
+
+    model = frozen({}, max_seq_len=64)
+    rng = np.random.default_rng(2)
+    sequence = "".join(rng.choice(list("ACGT"), size=160))  # windows of 64, 64 and 32 bases
+    whole = model.embed([sequence])
+    parts = [model.embed([sequence[start : start + 64]]) for start in (0, 64, 128)]
+    for layer in (2, 4):
+        key = layer_column(layer)
+        expected = (64 * parts[0][key] + 64 * parts[1][key] + 32 * parts[2][key]) / 160
+        np.testing.assert_allclose(whole[key], expected, rtol=0, atol=1e-5)
+        assert not np.allclose(whole[key], parts[0][key], atol=1e-3)  # the later windows count
+
+
+def test_reverse_complement_averaging_makes_a_sequence_and_its_reverse_complement_embed_alike():
+    from jobs.evaluate.embed import layer_column
+
+    rng = np.random.default_rng(4)
+    sequence = "".join(rng.choice(list("ACGT"), size=120))
+    opposite = sequence[::-1].translate(str.maketrans("ACGT", "TGCA"))
+    averaged, single = frozen({"reverse_complement": True}), frozen({})
+    both = averaged.embed([sequence, opposite])
+    alone = single.embed([sequence, opposite])
+    for layer in (2, 4):
+        key = layer_column(layer)
+        np.testing.assert_allclose(both[key][0], both[key][1], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(both[key][0], (alone[key][0] + alone[key][1]) / 2, rtol=0, atol=1e-5)
+        assert not np.allclose(alone[key][0], alone[key][1], atol=1e-3)  # without averaging they differ
