@@ -57,6 +57,12 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0) ->
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def registered_checkpoints(snapshot: str) -> list:
+    """Checkpoints Ray Train has registered for a run (its checkpoint manager's snapshot):
+    only those survive a failure; a checkpoint still being uploaded does not."""
+    return json.loads(snapshot).get("checkpoint_results", []) if snapshot else []
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:

@@ -5,7 +5,6 @@ quickstart dataset (real rCRS + generated genomes)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, registered_checkpoints
 from mlflow.tracking import MlflowClient
 
 from jobs.common import tracking
@@ -110,12 +109,6 @@ def test_two_workers_with_expert_parallelism_train_and_track(dataset, mlflow_ser
     first_loss = min(client.get_metric_history(continued.run_id, "loss"), key=lambda m: m.step).value
     assert abs(first_loss - losses[-1]) < 0.15 < losses[0] - first_loss, (first_loss, losses)
     assert client.get_run(continued.run_id).data.params["model.init_from"] == result.model_path
-
-
-def registered_checkpoints(snapshot: str) -> list:
-    """Checkpoints Ray Train has registered for a run (its checkpoint manager's snapshot):
-    only those survive a failure; a checkpoint still being uploaded does not."""
-    return json.loads(snapshot).get("checkpoint_results", []) if snapshot else []
 
 
 def train_worker_pids() -> list[int]:
