@@ -175,9 +175,10 @@ def pretrain_cli(*overrides: str) -> list[str]:
 
 
 def test_rerunning_a_stopped_run_continues_from_its_last_checkpoint(dataset, mlflow_server, tmp_path):
-    command = pretrain_cli(*short_run(dataset, tmp_path, mlflow_server.tracking_uri, "run_name=rerun",
-                                      "train.max_steps=24", "tracking.registered_model=null",
-                                      "tracking.experiment=test-rerun"))
+    # Checkpoints every 4 of 12 steps, evaluations at 4, 8 and 12: at least one of each after the resume.
+    cadence = ("train.max_steps=12", "checkpoint.every=4", "train.eval_every=4", "tracking.registered_model=null",
+               "tracking.experiment=test-rerun")
+    command = pretrain_cli(*short_run(dataset, tmp_path, mlflow_server.tracking_uri, "run_name=rerun", *cadence))
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -201,13 +202,12 @@ def test_rerunning_a_stopped_run_continues_from_its_last_checkpoint(dataset, mlf
     runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = 'rerun'")
     assert len(runs) == 1, "a rerun must continue the same MLflow run"
     resumed = client.get_metric_history(runs[0].info.run_id, "resumed_from_step")
-    assert resumed and resumed[-1].value >= 6
-    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == 24
+    assert resumed and resumed[-1].value >= 4
+    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == 12
 
     # The resumed run trained on the very batches an uninterrupted one does: same curves after the resume.
     reference = pretrain_cli(*short_run(dataset, tmp_path, mlflow_server.tracking_uri, "run_name=uninterrupted",
-                                        "train.max_steps=24", "tracking.registered_model=null",
-                                        "tracking.experiment=test-rerun"))
+                                        *cadence))
     done = subprocess.run(reference, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     uninterrupted = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = 'uninterrupted'")[0]
