@@ -96,27 +96,6 @@ def test_kmer_spectrum_of_many_sequences_is_counted_per_sequence():
     assert kmer_spectrum([], (1, 2)).shape == (0, 20)
 
 
-def test_kmer_probe_separates_a_planted_tata_box():
-    rng = np.random.default_rng(2)
-
-    def sequences(n):
-        labels = rng.integers(0, 2, n)
-        texts = []
-        for label in labels:
-            bases = rng.choice(list("ACGT"), size=150)
-            if label:
-                at = rng.integers(0, 150 - 7)
-                bases[at : at + 7] = list("TATAAAA")
-            texts.append("".join(bases))
-        return kmer_spectrum(texts), labels
-
-    X_train, y_train = sequences(800)
-    X_test, y_test = sequences(300)
-    results = evaluate_probes(small_config(kinds=["logistic"]), X_train, y_train, None, None, X_test, y_test)
-    test = next(r for r in results if r.split == "test")
-    assert test.metrics["auroc"].value >= 0.95, test.metrics
-
-
 # ----------------------------------------------------------------------------- probes
 
 
