@@ -78,7 +78,10 @@ def run(config: ExperimentConfig, dry_run: bool = False) -> ExperimentResult:
     try:
         ran = []
         if len(records) < len(plan.steps):
-            ensure_ray(local_num_cpus=math.ceil(max(step.cpus for step in plan)))
+            # A local cluster gets room for the largest steps that may run at once: sized for one, a
+            # 1-worker pretraining run would hold it and leave the other cores idle.
+            largest = sorted((step.cpus for step in plan), reverse=True)[:config.max_concurrent_steps]
+            ensure_ray(local_num_cpus=math.ceil(sum(largest)))
             ran = _run_steps(plan, records, Context(plan, client, tracking_uri, run_id, records))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
