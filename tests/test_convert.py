@@ -514,5 +514,161 @@ def test_import_reads_from_and_writes_to_any_fsspec_url(megatron, tmp_path, layo
     memory.rm("/checkpoint", recursive=True)
     memory.rm("/model", recursive=True)
 
+
+def registering(mlflow_server, name: str) -> dict:
+    return {"register": name, "tracking": {"uri": mlflow_server.tracking_uri, "experiment": "test-convert"}}
+
+
+def converted_logits(directory: Path, megatron_ids: torch.Tensor) -> torch.Tensor:
+    from model import exported
+
+    with torch.no_grad():
+        return exported.load(exported.local(directory))(contract_ids(megatron_ids), compute_loss=False).logits
+
+
+@pytest.mark.services
+def test_a_registered_import_resolves_in_evaluation_to_the_converted_weights(megatron, tmp_path, mlflow_server):
+    """register=: a version in the registry over HTTP whose run says where it came from, which jobs.evaluate's
+    model resolution reads back, through models:/ and through the exported directory, bit for bit."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.common.config import build_config
+    from jobs.convert import summary
+    from jobs.evaluate import EvaluateConfig
+    from jobs.evaluate.models import resolve
+    from model import exported
+
+    name = f"converted-{tmp_path.name}"
+    checkpoint, output = megatron / "te-2-stages", tmp_path / "model"
+    result = convert(checkpoint=str(checkpoint), output=str(output), **registering(mlflow_server, name))
+    assert result.registered_uri == f"models:/{name}/1"
+    assert f"registered as models:/{name}/1 (MLflow run {result.mlflow_run_id})" in summary(result)
+    conversion_run = MlflowClient(mlflow_server.tracking_uri).get_run(result.mlflow_run_id)
+    assert conversion_run.info.status == "FINISHED"
+    assert conversion_run.data.tags["gengram.source_checkpoint"] == str(checkpoint)
+    assert conversion_run.data.tags["gengram.iteration"] == str(ITERATION)
+    params = conversion_run.data.params
+    assert params["result.tensors"] == str(result.tensors) and params["result.unused_gengram_layers"] == "2"
+    assert params["register"] == name and params["model_resolved.num_experts"] == str(TINY["num_experts"])
+
+    config = build_config(EvaluateConfig, {
+        "models": [{"name": "registered", "uri": result.registered_uri}, {"name": "directory", "uri": str(output)}],
+        "interpretability": {"analyses": ["rc_symmetry"]}, "model_cache": str(tmp_path / "cache"),
+        "tracking": {"uri": mlflow_server.tracking_uri}})
+    registered, directory = resolve(config, mlflow_server.tracking_uri)
+    assert registered.identity == f"registered-{name}-v1" and registered.source_run_id == result.mlflow_run_id
+    assert directory.identity.startswith("export-") and directory.directory == output
+    assert registered.directory != output  # a downloaded copy, not the output read again
+
+    converted = exported.read_state_dict(exported.local(output))
+    reference = torch.load(megatron / "reference.pt")
+    expected = converted_logits(output, reference["megatron_ids"])
+    assert (expected - reference["logits"][..., megatron_columns()]).abs().max() < 1e-5
+    for resolved in (registered, directory):
+        assert resolved.config == exported.read_config(exported.local(output))
+        state = exported.read_state_dict(exported.local(resolved.directory))
+        assert state.keys() == converted.keys() and all(torch.equal(state[k], converted[k]) for k in converted)
+        assert torch.equal(converted_logits(resolved.directory, reference["megatron_ids"]), expected)
+
+
+@pytest.mark.ray
+@pytest.mark.services
+def test_jobs_evaluate_probes_a_registered_import_beside_a_kmer_reference(megatron, tmp_path, mlflow_server,
+                                                                           ray_cluster):
+    from jobs.common.config import build_config
+    from jobs.evaluate import EvaluateConfig, read_results
+    from jobs.evaluate import run as evaluate
+
+    name = f"evaluated-{tmp_path.name}"
+    result = convert(checkpoint=str(megatron / "torch-dist"), output=str(tmp_path / "model"),
+                     **registering(mlflow_server, name))
+    rng = random.Random(0)
+    classes = {}
+    for label, bases in (("at_rich", "AATTAATTCG"), ("gc_rich", "GGCCGGCCAT")):  # what a k-mer spectrum sees
+        classes[label] = tmp_path / f"{label}.fa"
+        classes[label].write_text("".join(f">{label}{i}\n{''.join(rng.choices(bases, k=48))}\n" for i in range(40)))
+    config = build_config(EvaluateConfig, {
+        "name": tmp_path.name, "output": str(tmp_path / "evaluation"), "model_cache": str(tmp_path / "cache"),
+        "models": [{"name": "converted", "uri": result.registered_uri}, {"name": "kmer", "kind": "kmer"}],
+        "tasks": [{"name": "gc", "source": {"type": "fasta", "classes": {k: str(v) for k, v in classes.items()}}}],
+        "probes": {"kinds": ["logistic"], "bootstrap": 50},
+        "tracking": {"uri": mlflow_server.tracking_uri, "experiment": "test-convert"}})
+    evaluate(config)
+    results = read_results(config.output_url)
+    assert {m["name"]: m["identity"] for m in results["models"]}["converted"] == f"registered-{name}-v1"
+    aurocs = {(row["model"], row["layer"]): row["value"] for row in results["metrics"]
+              if (row["split"], row["metric"]) == ("test", "auroc")}
+    assert {layer for model, layer in aurocs if model == "converted"} == {TINY["num_layers"]}
+    assert aurocs[("kmer", None)] >= 0.95
+
+
+def test_register_fails_in_one_line_before_any_work_when_mlflow_is_unreachable(megatron, tmp_path):
+    from jobs.common.tracking import TrackingUnavailable
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(TrackingUnavailable, match=f"MLflow tracking store {dead} is not reachable"):
+        convert(checkpoint=str(megatron / "local-1-stage"), output=str(tmp_path / "model"), register="never",
+                tracking={"uri": dead, "preflight_timeout_s": 1})
+    assert_nothing_written(tmp_path, tmp_path / "model")
+
+
+def test_a_model_published_to_an_fsspec_url_is_registered_from_a_local_copy(megatron, tmp_path):
+    """MLflow logs local files: an output on an object store (fsspec's in-memory one here) is fetched back."""
+    import fsspec
+    import mlflow
+
+    from model import exported
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = convert(checkpoint=str(megatron / "local-1-stage"), output="memory://registered", register="remote",
+                     tracking={"uri": store, "artifact_root": str(tmp_path / "artifacts")})
+    try:
+        logged = Path(mlflow.artifacts.download_artifacts(result.registered_uri, tracking_uri=store,
+                                                          dst_path=str(tmp_path / "logged"))) / "artifacts"
+        published = exported.read_state_dict(lambda name, mode: fsspec.open(f"memory://registered/{name}", mode))
+    finally:
+        fsspec.filesystem("memory").rm("/registered", recursive=True)
+    state = exported.read_state_dict(exported.local(logged))
+    assert state.keys() == published.keys() and all(torch.equal(state[k], published[k]) for k in published)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_the_converted_directory_is_what_pretraining_starts_from_with_model_init_from(megatron, tmp_path, ep_size):
+    """What pretraining's driver (config checks) and each worker (load_state_dict + local_experts, then the
+    model's own strict load_state_dict) do with model.init_from, without Ray: every rank holds the converted
+    weights of its experts, and the ranks together hold the whole converted model."""
+    from jobs.common.config import ConfigError, build_config
+    from jobs.pretrain import PretrainConfig, validate
+    from jobs.pretrain.job import check_init_from
+    from jobs.pretrain.weights import global_experts, load_state_dict, local_experts
+    from model import GengramLM, exported
+
+    output = tmp_path / "model"
+    convert(checkpoint=str(megatron / "local-1-stage"), output=str(output), flavour="debug")
+    converted = exported.read_state_dict(exported.local(output))
+    config = build_config(PretrainConfig, {
+        "model": {"flavour": "debug", "init_from": os.path.relpath(output), "overrides": {"ep_size": ep_size}},
+        "resources": {"num_workers": 2}})
+    model_config = validate(config)
+    check_init_from(config)
+    assert config.model.init_from == str(output)  # made absolute for the workers
+    rebuilt = {}
+    for rank in range(config.resources.num_workers):
+        model = GengramLM(model_config)
+        state = load_state_dict(config.model.init_from, config.storage_options(config.model.init_from))
+        model.load_state_dict(local_experts(state, model_config, rank))
+        shared, experts = global_experts(model.state_dict(), model_config, rank % ep_size)
+        assert len(experts) == len([k for k in converted if ".deepspeed_experts." in k]) // ep_size
+        rebuilt |= shared | experts
+    assert rebuilt.keys() == converted.keys()
+    assert all(torch.equal(rebuilt[k], converted[k]) for k in converted)
+
+    config.model.init_from = str(tmp_path)
+    with pytest.raises(ConfigError, match=f"model.init_from={tmp_path} holds no model.pt"):
+        check_init_from(config)
+
+
 if __name__ == "__main__":  # the Megatron side: a spawn-mode child re-imports this file, so guard it
     run_megatron(Path(sys.argv[1]), int(sys.argv[2]))

@@ -29,9 +29,9 @@ from mlflow.tracking import MlflowClient
 from jobs.common import tracking
 from jobs.common.config import build_config
 from jobs.common.errors import BadInput
+from jobs.common.registry import log_gengram_model
 from jobs.evaluate import EvaluateConfig, read_results, run
 from jobs.evaluate.sources import load_task
-from jobs.pretrain.registry import log_gengram_model
 from model import GengramLM, exported, flavour
 from model.vocab import encode
 

@@ -94,7 +94,8 @@ def load_config(cls: type[Config], path: str | None, overrides: Sequence[str] = 
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:
-    return config.model_dump(mode="json")
+    """The config as its YAML spells it (a field's alias, where it has one)."""
+    return config.model_dump(mode="json", by_alias=True)
 
 
 def config_to_yaml(config: BaseModel | dict[str, Any]) -> str:

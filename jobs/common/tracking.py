@@ -17,8 +17,9 @@ from unittest import mock
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from pydantic import Field
 
-from jobs.common.config import flatten
+from jobs.common.config import StrictModel, flatten
 from jobs.common.errors import BadInput
 from jobs.common.storage import absolute, absolute_sqlite
 
@@ -34,6 +35,15 @@ class TrackingUnavailable(BadInput):
 
 
 LOCAL_STORE = "sqlite:///state/mlflow/mlflow.db"
+
+
+class TrackingSection(StrictModel):
+    """A job config's `tracking` section; each job subclasses it to name its own default experiment."""
+
+    uri: str | None = None  # unset: $MLFLOW_TRACKING_URI, else sqlite:///state/mlflow/mlflow.db
+    artifact_root: str = "state/mlflow/artifacts"  # where a local store keeps artifacts (a server keeps its own)
+    experiment: str
+    preflight_timeout_s: float = Field(10, gt=0)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -141,11 +151,15 @@ def start_or_resume_run(
     for key, value in all_tags.items():
         client.set_tag(run_id, key, value)
     logged = client.get_run(run_id).data.params
-    fresh = {key: value for key, value in params.items() if key not in logged}
-    batch = [mlflow.entities.Param(key, value) for key, value in fresh.items()]
+    log_params(client, run_id, {key: value for key, value in params.items() if key not in logged})
+    return run_id, resumed
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    """Params are immutable in MLflow: give only ones the run does not hold yet."""
+    batch = [mlflow.entities.Param(key, value) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=batch[start : start + 100])
-    return run_id, resumed
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -3,6 +3,8 @@
     direction: import   checkpoint (a Megatron checkpoint directory, local or any fsspec URL) -> output
                         (an exported model directory, model.exported's format)
     direction: export   model (an exported model directory) -> output (a legacy `torch` Megatron checkpoint)
+
+An import with `register: <name>` also logs the exported model to MLflow (`tracking`) and registers it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pydantic import Field, model_validator
 
 from jobs.common.config import StrictModel
 from jobs.common.storage import StorageRule, options_for
+from jobs.common.tracking import TrackingSection
 from model.config import FLAVOURS
 
 
@@ -32,6 +35,10 @@ class ExportSection(StrictModel):
         return getattr(torch, self.dtype)
 
 
+class ConvertTracking(TrackingSection):
+    experiment: str = "gengram-convert"
+
+
 class ConvertConfig(StrictModel):
     direction: Literal["import", "export"] = "import"
     checkpoint: str | None = None  # import: the Megatron checkpoint directory
@@ -40,6 +47,10 @@ class ConvertConfig(StrictModel):
     output: str
     flavour: str | None = None  # import: the model flavour the checkpoint must match (e.g. gengram-10b)
     force: bool = False  # replace an existing output
+    # import: the registered model name to log the output under; null: none. Spelt `register` in a config
+    # (the field's own name would shadow pydantic's inherited ABC `register`).
+    registered_name: str | None = Field(None, alias="register")
+    tracking: ConvertTracking = Field(default_factory=ConvertTracking)
     export: ExportSection = Field(default_factory=ExportSection)
     storage: list[StorageRule] = Field(default_factory=list)  # endpoints and anonymous access, no secrets
 
@@ -50,6 +61,8 @@ class ConvertConfig(StrictModel):
             problems.append("checkpoint: an import reads a Megatron checkpoint directory; set checkpoint=<dir or URL>")
         if self.direction == "export" and not self.model:
             problems.append("model: an export reads an exported model directory; set model=<dir or URL>")
+        if self.direction == "export" and self.registered_name is not None:
+            problems.append("register: only an import makes a model to register; an export writes Megatron's layout")
         if self.flavour is not None and self.flavour not in FLAVOURS:
             problems.append(f"flavour: {self.flavour!r} is unknown; choose one of {sorted(FLAVOURS)}")
         if problems:

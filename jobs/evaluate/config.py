@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from jobs.common.config import StrictModel
 from jobs.common.storage import StorageRule, join, options_for
+from jobs.common.tracking import TrackingSection
 from jobs.evaluate.probes import ProbesConfig
 from jobs.evaluate.sources import TaskSource
 
@@ -80,6 +81,9 @@ class InterpretabilitySequences(StrictModel):
     task: str | None = None
     max_sequences: int = Field(4, ge=1)
     length: int = Field(1024, ge=8)  # bases per FASTA record read (the model's context if that is shorter)
+    # A feature type of the annotation (e.g. CRM, TF_binding_site, exon): windows of `length` centred on its
+    # first `max_sequences` features instead of each record's first bases, which may hold no feature at all.
+    around: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InterpretabilitySequences:
@@ -87,6 +91,8 @@ class InterpretabilitySequences(StrictModel):
             raise ValueError("interpretability.sequences needs exactly one of `fasta` or `task`")
         if self.annotation is not None and self.fasta is None:
             raise ValueError("interpretability.sequences.annotation goes with `fasta`")
+        if self.around is not None and self.annotation is None:
+            raise ValueError("interpretability.sequences.around names a feature type of `annotation`: give one")
         return self
 
 
@@ -110,11 +116,8 @@ class ResourcesSection(StrictModel):
     gpus_per_actor: float = Field(1, gt=0)  # with use_gpu
 
 
-class TrackingSection(StrictModel):
-    uri: str | None = None  # unset: $MLFLOW_TRACKING_URI, else sqlite:///state/mlflow/mlflow.db
-    artifact_root: str = "state/mlflow/artifacts"
+class EvaluateTracking(TrackingSection):
     experiment: str = "gengram-evaluate"
-    preflight_timeout_s: float = Field(10, gt=0)
 
 
 class EvaluateConfig(StrictModel):
@@ -128,7 +131,7 @@ class EvaluateConfig(StrictModel):
     zero_shot: ZeroShotSection = Field(default_factory=ZeroShotSection)
     interpretability: InterpretabilitySection = Field(default_factory=InterpretabilitySection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tracking: EvaluateTracking = Field(default_factory=EvaluateTracking)
     storage: list[StorageRule] = Field(default_factory=list)  # endpoints and anonymous access, no secrets
 
     @model_validator(mode="after")

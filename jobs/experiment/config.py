@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from jobs.common.config import StrictModel
+from jobs.common.tracking import TrackingSection
 from jobs.tokenize import IID, Structure
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -109,9 +110,7 @@ class NegativeControl(StrictModel):
     tolerance: float = Field(0.01, gt=0)
 
 
-class TrackingSection(StrictModel):
-    uri: str | None = None  # unset: $MLFLOW_TRACKING_URI, else sqlite:///state/mlflow/mlflow.db
-    artifact_root: str = "state/mlflow/artifacts"
+class ExperimentTracking(TrackingSection):
     experiment: str = "gengram-experiments"
 
 
@@ -124,7 +123,7 @@ class ExperimentConfig(StrictModel):
     windows: WindowSweep | None = None
     evaluate: EvaluateSection | None = None
     negative_control: NegativeControl | None = None
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tracking: ExperimentTracking = Field(default_factory=ExperimentTracking)
     # Steps at a time, when the cluster has room for them (each asks for what its job needs).
     max_concurrent_steps: int = Field(2, ge=1)
 

@@ -69,7 +69,7 @@ def run(config: ExperimentConfig, dry_run: bool = False) -> ExperimentResult:
     text = describe(plan, set(records))
     print(text, flush=True)
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
-    tracking.preflight(tracking_uri, 10)
+    tracking.preflight(tracking_uri, config.tracking.preflight_timeout_s)
     client = MlflowClient(tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, config.tracking.experiment, config.tracking.artifact_root)
     run_id, _ = tracking.start_or_resume_run(

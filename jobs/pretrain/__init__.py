@@ -1,7 +1,7 @@
 """The pretraining job (`python -m jobs.pretrain`): GengramLM with Ray Train + DeepSpeed, tracked in MLflow.
 
 Public API, for other jobs (`jobs.tune`) and people: the config, `run`, and what a run returns.
-The rest of the package (worker, metrics, weights, registry) is internal.
+The rest of the package (worker, metrics, weights) is internal.
 """
 
 from jobs.pretrain.config import PretrainConfig, validate

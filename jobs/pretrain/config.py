@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from jobs.common.config import ConfigError, StrictModel
 from jobs.common.storage import StorageRule, options_for
+from jobs.common.tracking import TrackingSection
 from model.config import ModelConfig, flavour
 
 
@@ -78,17 +79,11 @@ class ResourcesSection(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
 
 
-class TrackingSection(StrictModel):
-    # MLflow tracking URI: http(s)://server, or sqlite:///path for a local store; unset means
-    # $MLFLOW_TRACKING_URI, else sqlite:///state/mlflow/mlflow.db.
-    uri: str | None = None
-    # Where a local store keeps artifacts (a server stores them itself).
-    artifact_root: str = "state/mlflow/artifacts"
+class PretrainTracking(TrackingSection):
     experiment: str = "gengram-pretrain"
     # Registered-model name for the final model; null leaves the registry alone.
     registered_model: str | None = "gengram-debug"
     system_metrics: bool = True
-    preflight_timeout_s: float = Field(10, gt=0)
 
 
 class PretrainConfig(StrictModel):
@@ -99,7 +94,7 @@ class PretrainConfig(StrictModel):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tracking: PretrainTracking = Field(default_factory=PretrainTracking)
     # Endpoints and anonymous access per URL prefix (e.g. an S3-compatible store); there is
     # no field for a credential: those come from the environment or instance roles only.
     storage: list[StorageRule] = Field(default_factory=list)

@@ -25,10 +25,10 @@ from jobs.common import plots, tracking
 from jobs.common.config import ConfigError, config_hash, config_to_dict, config_to_yaml
 from jobs.common.dataset import check_compatible, load_manifest, read_eval_rows, split_paths
 from jobs.common.ray_session import ensure_ray, is_verbose
+from jobs.common.registry import log_gengram_model
 from jobs.common.storage import absolute, exists, join, pyarrow_filesystem
 from jobs.pretrain.config import PretrainConfig, deepspeed_config, validate
 from jobs.pretrain.metrics import unigram_entropy
-from jobs.pretrain.registry import log_gengram_model
 from jobs.pretrain.worker import FINAL_MODEL_DIR, rank_slice, train_worker
 from model import ModelConfig, parameter_counts
 
@@ -55,6 +55,16 @@ def check_dataset(config: PretrainConfig, model_config: ModelConfig):
 def train_storage(config: PretrainConfig):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     return pyarrow_filesystem(absolute(config.checkpoint.storage), config.storage_options(config.checkpoint.storage))
+
+
+def check_init_from(config: PretrainConfig) -> None:
+    """Workers resolve nothing: hand them an absolute `model.init_from`, checked here before they start."""
+    if not config.model.init_from:
+        return
+    config.model.init_from = absolute(config.model.init_from)
+    weights = join(config.model.init_from, "model.pt")
+    if not exists(weights, config.storage_options(weights)):
+        raise ConfigError(f"model.init_from={config.model.init_from} holds no model.pt (an exported final_model)")
 
 
 def final_model_url(config: PretrainConfig) -> str:
@@ -89,12 +99,7 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     tracking.preflight(tracking_uri, config.tracking.preflight_timeout_s)
     manifest = check_dataset(config, model_config)
-    if config.model.init_from:
-        # Workers resolve nothing: hand them an absolute path, checked here before they start.
-        config.model.init_from = absolute(config.model.init_from)
-        weights = join(config.model.init_from, "model.pt")
-        if not exists(weights, config.storage_options(weights)):
-            raise ConfigError(f"model.init_from={config.model.init_from} holds no model.pt (an exported final_model)")
+    check_init_from(config)
 
     resolved = config_to_dict(config)
     client = MlflowClient(tracking_uri)

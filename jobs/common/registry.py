@@ -1,4 +1,5 @@
-"""The final model as an MLflow pyfunc, so it can be registered, versioned and served.
+"""An exported model (a pretraining run's final model, a converted checkpoint) as an MLflow pyfunc, so it
+can be registered, versioned and served.
 
 The weights stay a plain state dict file (model.pt + model_config.json) logged as the
 pyfunc's artifacts: nothing is unpickled by class path, the driver never loads a large
@@ -40,7 +41,8 @@ class GengramPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_gengram_model(tracking_uri: str, run_id: str, model_dir: Path, registered_name: str | None) -> str:
-    """Log the pyfunc into `run_id` (and register it under `registered_name`); returns its URI."""
+    """Log the pyfunc into `run_id` (and register it under `registered_name`); returns its URI:
+    models:/<name>/<version> when registered, else the logged model's."""
     mlflow.set_tracking_uri(tracking_uri)
     package_root = Path(__file__).resolve().parents[2]
     with mlflow.start_run(run_id=run_id):
@@ -52,7 +54,9 @@ def log_gengram_model(tracking_uri: str, run_id: str, model_dir: Path, registere
             registered_model_name=registered_name,
             pip_requirements=_requirements(),
         )
-    return info.model_uri
+    if registered_name is None:
+        return info.model_uri
+    return f"models:/{registered_name}/{info.registered_model_version}"
 
 
 def _requirements() -> list[str]:
