@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from jobs.common.config import build_config
 from jobs.common.fasta import InputError, Source
 from jobs.common.genes import Feature, read_features
+from jobs.evaluate.analyses import load_sequences
+from jobs.evaluate.config import EvaluateConfig
 from jobs.evaluate.interpret import (
     GENETIC_CODE,
     SYNONYMOUS_CODONS,
@@ -26,6 +29,7 @@ from jobs.evaluate.interpret import (
     top_peaks,
     write_intensity,
 )
+from jobs.tokenize import Recipe, write_genome
 from model import GengramLM, flavour
 from model.config import GengramConfig
 from model.gengram import Gengram
@@ -232,6 +236,53 @@ def test_read_features_names_the_file_and_line_of_a_bad_line(tmp_path):
     (tmp_path / "coordinates.gtf").write_bytes(b'chr1\tx\texon\tone\t10\t.\t+\t.\tgene_id "A";\n')
     with pytest.raises(InputError, match=r"coordinates\.gtf, line 1: exon start/end .* not integers"):
         read_features(Source(str(tmp_path / "coordinates.gtf")))
+
+
+def test_interpretability_windows_centre_on_annotated_features(tmp_path):
+    """On a generated genome (not real sequence) and the GFF3 of what was planted in it: `around` cuts a
+    window of `length` bases centred on each of the first features of that type, and every track is in
+    the window's coordinates (a planted TF site's bases are where its track says)."""
+    write_genome(Recipe(name="generated-g", contigs=(20_000, 8_000), seed=4), tmp_path)
+    fasta, gff = str(tmp_path / "generated-g.fa.gz"), str(tmp_path / "generated-g.gff3.gz")
+
+    def sequences(**chosen):
+        return load_sequences(build_config(EvaluateConfig, {
+            "models": [{"name": "kmer", "kind": "kmer"}],
+            "interpretability": {"analyses": ["write_intensity"], "sequences": {
+                "fasta": fasta, "annotation": gff, "length": 300, "max_sequences": 3, **chosen}}}), [])
+
+    genome, name = {}, None  # read here without the job's reader
+    for line in gzip.decompress((tmp_path / "generated-g.fa.gz").read_bytes()).decode().splitlines():
+        if line.startswith(">"):
+            name = line[1:].split()[0]
+            genome[name] = ""
+        else:
+            genome[name] += line
+    planted = {}  # (contig, 0-based start) of each + strand TF site -> its bases
+    for line in gzip.decompress((tmp_path / "generated-g.gff3.gz").read_bytes()).decode().splitlines():
+        fields = line.split("\t")
+        if len(fields) == 9 and fields[2] == "TF_binding_site" and fields[6] == "+":
+            planted[fields[0], int(fields[3]) - 1] = fields[8].split("sequence=")[1].split(";")[0]
+    modules = [f for f in read_features(Source(gff)) if f.type == "CRM"][:3]
+    windows = sequences(around="CRM")
+    assert len(windows.names) == 3
+    for module, name, tokens, tracks in zip(modules, windows.names, windows.tokens, windows.tracks, strict=True):
+        contig, span = name.split(":")
+        start, end = map(int, span.split("-"))
+        assert contig == module.contig and end - start == 300 == len(tokens)
+        assert abs((start + end) // 2 - (module.start + module.end) // 2) <= 1
+        np.testing.assert_array_equal(tokens, encode(genome[contig][start:end]))
+        assert (module.start - start, module.end - start) in tracks["CRM"]
+        assert tracks["TF_binding_site"], "a module holds TF sites"
+        for site_start, site_end in tracks["TF_binding_site"]:
+            bases = planted.get((contig, start + site_start))
+            if bases is not None and site_end - site_start == len(bases):
+                np.testing.assert_array_equal(tokens[site_start:site_end], encode(bases))
+    # Without `around`: each record's first bases, tracks as they are.
+    first = sequences()
+    assert first.names == ["chr1", "chr2"] and all(len(t) == 300 for t in first.tokens)
+    with pytest.raises(InputError, match=r"generated-g\.gff3\.gz: has no feature of type 'gene'"):
+        sequences(around="gene")
 
 
 # ----------------------------------------------------------------------------- plots

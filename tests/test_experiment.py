@@ -45,8 +45,8 @@ MINIATURE = {
                                               "per_class": 60, "seed": 0, "background": {"fasta": "genomes:iid"}}}],
         "probes": {"kinds": ["logistic"], "bootstrap": 50},
         "interpretability": {"analyses": ["write_intensity"], "sequences": {
-            "fasta": "genomes:structured", "annotation": "genomes:structured:gff3", "max_sequences": 1,
-            "length": 256}}}},
+            "fasta": "genomes:structured", "annotation": "genomes:structured:gff3", "around": "CRM",
+            "max_sequences": 1, "length": 256}}}},
     "negative_control": {"dataset": "iid"},
 }
 
@@ -139,7 +139,11 @@ def test_the_miniature_experiment_runs_resumes_reports_and_is_then_a_no_op(tmp_p
     killed = steps["pretrain/structured/gengram/s0"]
     resumed = client.get_metric_history(killed["run_id"], "resumed_from_step")
     assert resumed and resumed[-1].value >= 2, "the killed run started over instead of resuming"
-    report = next((tmp_path / "experiment" / "report").glob("*/report.md")).read_text()
+    report_path = next((tmp_path / "experiment" / "report").glob("*/report.md"))
+    report = report_path.read_text()
+    # Gengram's writes around the planted module the interpretability window is centred on, drawn in the report.
+    writes = list(report_path.parent.glob("writes_gengram_chr*.png"))
+    assert len(writes) == 1 and f"]({writes[0].name})" in report
     for claim in ("Gengram lowers the val loss", "speeds convergence", "steadies MoE load balance",
                   "interior optimum", "probe AUROC", "[negative control] holds"):
         assert claim in report, claim

@@ -14,7 +14,7 @@ import numpy as np
 import ray
 import torch
 
-from jobs.common.fasta import Source, read_fasta
+from jobs.common.fasta import InputError, Source, read_fasta
 from jobs.common.genes import read_features
 from jobs.common.storage import options_for
 from jobs.evaluate import interpret
@@ -53,25 +53,44 @@ def load_sequences(config: EvaluateConfig, tasks: list[TaskData]) -> Sequences:
         tracks = [{name: spans.get(i, []) for name, spans in task.tracks.items()} for i in ids]
         return Sequences(ids, tokens, tracks)
     source = Source(chosen.fasta, options_for(chosen.fasta, config.storage))
-    records: dict[str, list[np.ndarray]] = {}
-    held: dict[str, int] = {}
-    for name, piece in read_fasta(source):
-        if name not in records and len(records) == chosen.max_sequences:
-            break
-        if held.get(name, 0) < chosen.length:  # a chromosome-long record is read, not held, past `length`
-            records.setdefault(name, []).append(piece)
-            held[name] = held.get(name, 0) + piece.size
-    names = list(records)
-    tokens = [np.concatenate(pieces)[: chosen.length] for pieces in records.values()]
     features = []
     if chosen.annotation is not None:
         features = read_features(Source(chosen.annotation, options_for(chosen.annotation, config.storage)))
-    tracks = []
-    for name, row in zip(names, tokens, strict=True):
+    if chosen.around is None:  # each record's first `length` bases
+        windows = {}
+    else:  # `length` bases centred on each of the first features of that type
+        centred = [f for f in features if f.type == chosen.around][: chosen.max_sequences]
+        if not centred:
+            raise InputError(chosen.annotation, f"has no feature of type {chosen.around!r} "
+                                                "(interpretability.sequences.around)")
+        windows = {f: max(0, (f.start + f.end) // 2 - chosen.length // 2) for f in centred}
+    needed = {}  # bases to hold per record: a chromosome-long record is read, not held, past them
+    for feature, start in windows.items():
+        needed[feature.contig] = max(needed.get(feature.contig, 0), start + chosen.length)
+    records: dict[str, list[np.ndarray]] = {}
+    held: dict[str, int] = {}
+    for name, piece in read_fasta(source):
+        if windows and name not in needed:
+            continue
+        if not windows and name not in records and len(records) == chosen.max_sequences:
+            break
+        if held.get(name, 0) < needed.get(name, chosen.length):
+            records.setdefault(name, []).append(piece)
+            held[name] = held.get(name, 0) + piece.size
+    missing = sorted(needed.keys() - records.keys())
+    if missing:
+        raise InputError(chosen.fasta, f"has no record {missing[0]!r}, which {chosen.annotation} annotates")
+    spans = [(f.contig, start) for f, start in windows.items()] or [(name, 0) for name in records]
+    names, tokens, tracks = [], [], []
+    for contig, start in spans:
+        row = np.concatenate(records[contig])[start : start + chosen.length]
         by_type: dict[str, list[tuple[int, int]]] = {}
         for feature in features:
-            if feature.contig == name and feature.start < len(row):
-                by_type.setdefault(feature.type, []).append((feature.start, min(feature.end, len(row))))
+            if feature.contig == contig and feature.end > start and feature.start < start + len(row):
+                by_type.setdefault(feature.type, []).append(
+                    (max(feature.start - start, 0), min(feature.end - start, len(row))))
+        names.append(f"{contig}:{start}-{start + len(row)}" if windows else contig)
+        tokens.append(row)
         tracks.append(by_type)
     return Sequences(names, tokens, tracks)
 

@@ -141,12 +141,17 @@ def write_report(plan, records: dict[str, dict[str, Any]], output: str, client: 
         lines += ["## Window sweep", "", *table, ""]
 
     for step in plan.of_kind("evaluate"):
-        verdict, table = _probes(read_results(step.output), section)
+        results = read_results(step.output)
+        verdict, table = _probes(results, section)
         verdicts.append(verdict)
         lines += ["## Probes (test AUROC, 95 % bootstrap interval)", "", *table, ""]
-        lines.append(f"Write-intensity and other interpretability plots: the evaluation's MLflow run "
-                     f"{records[step.name]['run_id']}.")
-        lines.append("")
+        # The treatment's write intensity along the annotated sequences, drawn by the evaluation.
+        for key, url in results["files"].items():
+            if key.startswith(f"artifacts/writes_{section.treatment}_"):
+                figures.append(scratch / key.removeprefix("artifacts/"))
+                figures[-1].write_bytes(storage.read_bytes(url))
+        lines += [f"Every interpretability plot and number: the evaluation's MLflow run {records[step.name]['run_id']}",
+                  ""]
 
     if config.negative_control:
         verdicts.append(_negative_control(runs, config.negative_control, section))
