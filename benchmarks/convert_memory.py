@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model import GengramLM, exported, flavour
 
-from model import GengramLM, exported, flavour  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def status_kb(pid: int, field: str) -> int:
