@@ -426,6 +426,7 @@ def test_the_unpickler_refuses_what_a_checkpoint_is_not_made_of(megatron, tmp_pa
     with pytest.raises(ConversionError, match=r"pathlib\.PosixPath is neither a tensor, a plain value nor a Megatron"):
         convert(checkpoint=str(checkpoint), output=str(tmp_path / "model"))
 
+
 def test_the_released_training_scripts_settings_are_flavour_gengram_10b():
     """The args of the release's Gengram_layer3-6-10_win21_pp2.sh (Megatron's defaults for what it leaves
     unset) describe the gengram-10b flavour, field by field."""
@@ -448,6 +449,7 @@ def test_the_released_training_scripts_settings_are_flavour_gengram_10b():
     # and what it does not say about the forward, it says as the fork computes it
     assert config.gengram.dilation == 6 and config.gengram.pooling == "mean" and config.norm_eps == 1e-5
 
+
 def test_a_torch_dist_checkpoint_without_args_takes_its_flavour(megatron, tmp_path):
     from jobs.convert.megatron import ConversionError
     from model import exported
@@ -462,6 +464,7 @@ def test_a_torch_dist_checkpoint_without_args_takes_its_flavour(megatron, tmp_pa
     by_flavour = exported.read_state_dict(exported.local(tmp_path / "model"))
     by_args = exported.read_state_dict(exported.local(tmp_path / "with-args"))
     assert by_flavour.keys() == by_args.keys() and all(torch.equal(by_flavour[k], by_args[k]) for k in by_args)
+
 
 def test_a_failed_export_writes_nothing(megatron, tmp_path):
     from jobs.convert.megatron import ConversionError
