@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet
 import pytest
 from conftest import ROOT, clean_env, free_port, launcher, local_stack, processes_with_marker, remove_ray_temp_dir
 
@@ -471,6 +472,34 @@ def test_make_quickstart_in_a_fresh_clone(tmp_path):
     assert found["info"]["status"] == "FINISHED"
     assert {"loss", "val_loss"} <= {m["key"] for m in found["data"]["metrics"]}
     assert run_id in [v["run_id"] for v in versions]
+    version = next(v["version"] for v in versions if v["run_id"] == run_id)
+
+    # The quickstart's model, evaluated as the README says next, through each form of model URI: the
+    # registered version, the run, and the exported directory embed every sequence alike.
+    evaluation = tmp_path / "evaluate.yaml"
+    evaluation.write_text(json.dumps({  # JSON is YAML
+        "name": "uri-forms", "output": str(tmp_path / "evaluation"),
+        "models": [{"name": "by-version", "uri": f"models:/{REGISTERED_MODEL}/{version}"},
+                   {"name": "by-run", "uri": f"runs:/{run_id}/model"},
+                   {"name": "by-directory", "uri": str(final_model)}],
+        "tasks": [{"name": "ctcf", "source": {"type": "jaspar", "motif": "MA0139", "sites": 4, "length": 200,
+                                              "per_class": 30, "seed": 0, "background": {
+                                                  "fasta": "jobs/assemblies/data/generated-primate-a.fa.gz"}}}],
+        "embedding": {"layers": "last"}, "probes": {"kinds": ["logistic"], "bootstrap": 50}}))
+    command = [".venv/bin/python", "-m", "jobs.evaluate", "--config", str(evaluation)]
+    if pid_namespace_works():  # its own Ray, as the quickstart had, not this session's
+        command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *command]
+    evaluated = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
+                               start_new_session=True)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-5000:]
+    results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    identities = {model["name"]: model["identity"] for model in results["models"]}
+    assert identities["by-version"] == f"registered-{REGISTERED_MODEL}-v{version}"
+    assert identities["by-run"].startswith(f"run-{run_id}") and identities["by-directory"].startswith("export-")
+    embeddings = {name: (tmp_path / "evaluation").glob(f"embeddings/{identity}/ctcf-*/test/layer-*.parquet")
+                  for name, identity in identities.items()}
+    tables = [pyarrow.parquet.read_table(next(paths)) for paths in embeddings.values()]
+    assert all(table.equals(tables[0]) for table in tables[1:]) and tables[0].num_rows > 0
 
 
 def kill_marked(marker: tuple[str, str], grace: float = 15) -> list[int]:
