@@ -134,7 +134,7 @@ def test_the_miniature_experiment_runs_resumes_reports_and_is_then_a_no_op(tmp_p
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    steps = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in records.glob("*.json")}
+    steps = {record["name"]: record for record in (json.loads(p.read_text()) for p in records.glob("*.json"))}
     client = MlflowClient(mlflow_server.tracking_uri)
     killed = steps["pretrain/structured/gengram/s0"]
     resumed = client.get_metric_history(killed["run_id"], "resumed_from_step")
