@@ -95,6 +95,8 @@ def test_repeats_are_soft_masked_copies_of_their_family_within_their_divergence(
     consensus = {"SINE-1": families.sine.tobytes(), "LINE-1": families.line.tobytes()}
     repeats = [f for f in features if f["type"] in ("SINE_element", "LINE_element")]
     assert {f["family"] for f in repeats} == {"SINE-1", "LINE-1"}
+    low, high = RECIPE.structure.sine_divergence
+    assert all(low <= float(f["divergence"]) <= high for f in repeats if f["family"] == "SINE-1")
     for repeat in repeats:
         text = span(sequences, repeat)
         assert text.islower(), repeat["ID"]
@@ -177,3 +179,8 @@ def test_a_pair_that_does_not_fit_its_spacing_is_refused():
     structure = genomes.Structure(pairs=[{"first": "MA0139", "second": "MA0108", "spacing": 10}])
     with pytest.raises(ValueError, match="MA0139 is 15 bases long, more than its spacing 10"):
         genomes.Families(structure)
+
+
+def test_a_divergence_range_upside_down_is_refused():
+    with pytest.raises(ValueError, match=r"sine_divergence: \(0.1, 0.05\) is not a range"):
+        genomes.Structure(sine_divergence=(0.1, 0.05))

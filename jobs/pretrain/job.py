@@ -236,6 +236,7 @@ def summary(result: PretrainResult) -> str:
             lines.append(f"  {key + ':':<15} {value:.4f}" if isinstance(value, float) else f"  {key + ':':<15} {value}")
     if "val_loss" in metrics:
         floor = metrics["val_unigram_entropy"]
+        margin = floor - metrics["val_loss"]
         lines.append(f"  {'base freqs:':<15} {floor:.4f}  (the val loss of a model that knows only the val rows' "
-                     f"base frequencies; val_loss is {floor - metrics['val_loss']:+.4f} below it)")
+                     f"base frequencies; val_loss is {abs(margin):.4f} {'below' if margin >= 0 else 'above'} it)")
     return "\n".join(lines)
