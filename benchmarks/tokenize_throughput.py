@@ -5,6 +5,8 @@
 Generates (once; cached in state/bench/tokenize/) two gzipped FASTA files of generated
 primate-like sequence (jobs/tokenize/genomes.py, --mbases Mbp each, gzip level 6), then prints in one run:
   gunzip     single-core decompression of one file: the practical ceiling
+  reader     the job's FASTA reader alone on that file
+  zstd-1/2   compressing its token bytes alone (1 MiB pages), at the job's default level (2) and at 1
   1 worker   the job end to end on one file, gz in -> committed Parquet out
   2 workers  the job on both files at once
 all in MB of sequence per second. Targets: 1 worker >= 50% of gunzip (goal 80%); 2 workers >= 1.6x
@@ -21,6 +23,9 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from jobs.common.fasta import Source, read_fasta
 from jobs.tokenize import TokenizeConfig, genomes, run
@@ -61,6 +66,16 @@ def reader_seconds(path: Path) -> float:
     return time.perf_counter() - start
 
 
+def zstd_seconds(tokens: bytes, level: int) -> tuple[float, float]:
+    """Compressing token bytes in Parquet-sized pages, as the shard writer does: seconds, and the
+    compressed share of the bytes."""
+    codec, page, size = pa.Codec("zstd", compression_level=level), 1 << 20, 0
+    start = time.perf_counter()
+    for offset in range(0, len(tokens), page):
+        size += len(codec.compress(tokens[offset : offset + page], asbytes=True))
+    return time.perf_counter() - start, size / len(tokens)
+
+
 def job_seconds(paths: list[Path], name: str, seq_len: int) -> float:
     output = WORK / name
     shutil.rmtree(output, ignore_errors=True)
@@ -93,6 +108,10 @@ def main() -> None:
     mb = bases / 1e6
     gunzip = mb / best(lambda: gunzip_seconds(first))
     reader = mb / best(lambda: reader_seconds(first))
+    tokens = np.concatenate([ids for _, ids in read_fasta(Source(str(first)))]).tobytes()
+    zstd = {level: min((zstd_seconds(tokens, level) for _ in range(args.repeat)), key=lambda r: r[0])
+            for level in (2, 1)}
+    del tokens
     one = mb / best(lambda: job_seconds([first], "one-worker", args.seq_len))
     two = 2 * mb / best(lambda: job_seconds([first, second], "two-workers", args.seq_len))
     ray.shutdown()
@@ -101,6 +120,9 @@ def main() -> None:
     print(f"\n{'':<10} {'MB/s of sequence':>17}  ({mb:.0f} MB of sequence per file, {gz_mb:.0f} MB gzipped)")
     print(f"{'gunzip':<10} {gunzip:>17.1f}  single core, the practical ceiling")
     print(f"{'reader':<10} {reader:>17.1f}  the job's FASTA reader alone (ISA-L inflate, parse, encode)")
+    for level, (seconds, share) in zstd.items():
+        print(f"{f'zstd-{level}':<10} {mb / seconds:>17.1f}  its token bytes compressed alone, to {share:.3f} of their "
+              "size")
     print(f"{'1 worker':<10} {one:>17.1f}  {one / gunzip:.0%} of gunzip (target >= 50%, goal 80%)")
     print(f"{'2 workers':<10} {two:>17.1f}  {two / one:.2f}x 1 worker (target >= 1.6x)")
 
