@@ -184,3 +184,10 @@ def test_a_pair_that_does_not_fit_its_spacing_is_refused():
 def test_a_divergence_range_upside_down_is_refused():
     with pytest.raises(ValueError, match=r"sine_divergence: \(0.1, 0.05\) is not a range"):
         genomes.Structure(sine_divergence=(0.1, 0.05))
+
+
+def test_structures_are_named_by_config_and_an_unknown_name_is_refused():
+    assert genomes.Recipe(name="generated-x", contigs=(10,), seed=0, structure="quickstart").structure == \
+        genomes.QUICKSTART_STRUCTURE
+    with pytest.raises(ValueError, match=r"no structure is named 'alu-rich'; name one of \['iid', 'quickstart'\]"):
+        genomes.Recipe(name="generated-x", contigs=(10,), seed=0, structure="alu-rich")

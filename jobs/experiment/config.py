@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from jobs.common.config import StrictModel
 from jobs.common.tracking import TrackingSection
-from jobs.tokenize import IID, Structure
+from jobs.tokenize import Structure, named_structure
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # A string of this form anywhere in `evaluate` stands for a file of a generated genome set: its first
@@ -37,7 +37,7 @@ class GenomeSet(StrictModel):
     @field_validator("structure", mode="before")
     @classmethod
     def _named(cls, value):
-        return IID if value == "iid" else value
+        return named_structure(value)
 
 
 class DatasetSpec(StrictModel):

@@ -9,7 +9,7 @@ the genome generator's recipes and writer are public, for the experiment's gener
 from jobs.tokenize.config import TokenizeConfig
 from jobs.tokenize.job import run, summary
 
-GENOME_NAMES = ("IID", "Recipe", "Structure", "write_genome")
+GENOME_NAMES = ("Recipe", "Structure", "named_structure", "write_genome")
 
 
 def __getattr__(name: str):
@@ -21,4 +21,4 @@ def __getattr__(name: str):
         return getattr(genomes, name)
     raise AttributeError(f"module 'jobs.tokenize' has no attribute {name!r}")
 
-__all__ = ["IID", "Recipe", "Structure", "TokenizeConfig", "run", "summary", "write_genome"]
+__all__ = ["Recipe", "Structure", "TokenizeConfig", "named_structure", "run", "summary", "write_genome"]

@@ -145,7 +145,7 @@ class Recipe(StrictModel):
     @field_validator("structure", mode="before")
     @classmethod
     def _named(cls, value):
-        return IID if value == "iid" else value
+        return named_structure(value)
 
 
 # The quickstart's generated genomes (the real one is the human mitochondrial reference): Alu-rich as
@@ -154,6 +154,16 @@ class Recipe(StrictModel):
 # quickstart's few minutes. Measured on the debug flavour at 125 steps: 0.06 nats below the val split's
 # unigram entropy; with the default family at 25 %, 0.028 at 100 steps and 0.044 at 200.
 QUICKSTART_STRUCTURE = Structure(sine_fraction=0.30, sine_divergence=(0.01, 0.05))
+# What a config may name instead of spelling a structure out (`structure: iid`).
+NAMED_STRUCTURES = {"iid": IID, "quickstart": QUICKSTART_STRUCTURE}
+
+
+def named_structure(value):
+    """A structure a config names, as its Structure; anything else as it is (for pydantic to validate)."""
+    if isinstance(value, str) and value not in NAMED_STRUCTURES:
+        raise ValueError(f"structure: no structure is named {value!r}; name one of {sorted(NAMED_STRUCTURES)} "
+                         "or give its fields")
+    return NAMED_STRUCTURES.get(value, value) if isinstance(value, str) else value
 QUICKSTART = (
     Recipe(name="generated-primate-a", contigs=(120_000, 60_000, 20_000), seed=1, structure=QUICKSTART_STRUCTURE),
     Recipe(name="generated-primate-b", contigs=(90_000, 40_000), seed=2, structure=QUICKSTART_STRUCTURE,
