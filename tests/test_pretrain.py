@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -156,14 +157,18 @@ def test_killed_worker_resumes_from_its_s3_checkpoint(dataset, mlflow_server, s3
     assert resumed and resumed[-1].value == result.metrics["start_step"]
     assert max(m.step for m in client.get_metric_history(result.run_id, "loss")) == 18
 
-    # Checkpoints and the final model are in the bucket and come back from it.
+    # Checkpoints and the final model are in the bucket and come back from it, and MLflow logged
+    # the bucket's final model (through a local copy: MLflow logs local files).
     assert result.model_path == f"{bucket}/runs/fault/final_model"
+    logged = Path(client.download_artifacts(result.run_id, "final_model", str(tmp_path / "logged")))
+    assert sorted(p.name for p in logged.iterdir()) == sorted(posixpath.basename(p) for p in fs.ls(result.model_path))
+    assert (logged / "model.pt").read_bytes() == fs.cat_file(f"{result.model_path}/model.pt")
     assert fs.glob(f"{bucket}/runs/fault/checkpoint_*/engine/mp_rank_00_model_states.pt")
     with fs.open(f"{result.model_path}/model.pt", "rb") as handle:
         state = torch.load(handle, weights_only=True)
     with fs.open(f"{result.model_path}/reference.pt", "rb") as handle:
         reference = torch.load(handle)
-    model = exported.load(exported.local(result.model_dir))
+    model = exported.load(lambda name, mode: fs.open(f"{result.model_path}/{name}", mode))
     model.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(reference["input_ids"], compute_loss=False).logits, reference["logits"],

@@ -494,3 +494,18 @@ def test_atomic_write_leaves_nothing_when_the_block_fails(tmp_path):
     assert not target.exists() and list((tmp_path / "sub").iterdir()) == []
     storage.write_bytes(str(target), b"whole")
     assert target.read_bytes() == b"whole" and storage.list_files(str(target.parent)) == [str(target)]
+
+
+def test_local_directory_is_the_directory_itself_or_a_copy_removed_after(tmp_path, s3_server):
+    storage.write_bytes(str(tmp_path / "model" / "model.pt"), b"weights")
+    with storage.local_directory(str(tmp_path / "model")) as local:
+        assert local == tmp_path / "model"
+    assert (tmp_path / "model" / "model.pt").exists()  # a local directory is never removed
+
+    bucket = s3_server.make_bucket("local-directory")
+    options = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
+    for name, data in (("model.pt", b"weights"), ("model_config.json", b"{}")):
+        storage.write_bytes(f"s3://{bucket}/model/{name}", data, options)
+    with storage.local_directory(f"s3://{bucket}/model", options) as local:
+        assert {p.name: p.read_bytes() for p in local.iterdir()} == {"model.pt": b"weights", "model_config.json": b"{}"}
+    assert not local.exists()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
@@ -164,6 +166,21 @@ def atomic_write(url: str, options: Mapping[str, Any] | None = None) -> Iterator
         handle.closed = True
         raise
     handle.close()
+
+
+@contextlib.contextmanager
+def local_directory(url: str, options: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """The files directly under the directory `url` on local disk, for libraries that read only local
+    files (MLflow logs artifacts from them): the directory itself when it is local, else a copy that
+    is removed when the block ends."""
+    fs, path = filesystem(url, options)
+    if is_local(fs):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="gengram-") as scratch:
+        for file_url in list_files(url, options):
+            fs.get(filesystem(file_url, options)[1], str(Path(scratch) / posixpath.basename(file_url)))
+        yield Path(scratch)
 
 
 def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:

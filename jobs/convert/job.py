@@ -13,8 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from jobs.common import tracking
 from jobs.common.config import config_to_dict
 from jobs.common.errors import BadInput
 from jobs.common.registry import log_gengram_model
-from jobs.common.storage import exists, filesystem, is_local, join, open_url
+from jobs.common.storage import exists, filesystem, is_local, join, local_directory, open_url
 from jobs.convert import legacy, megatron, torch_dist
 from jobs.convert.config import ConvertConfig
 from model import exported
@@ -94,26 +93,13 @@ def register(config: ConvertConfig, tracking_uri: str, result: ConversionResult)
     tracking.log_params(client, run_id, params)
     tracking.log_metrics(client, run_id, {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}, step=0)
     try:
-        with local_copy(config) as model_dir:
+        with local_directory(config.output, config.storage_options(config.output)) as model_dir:
             registered_uri = log_gengram_model(tracking_uri, run_id, model_dir, config.registered_name)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return dataclasses.replace(result, registered_uri=registered_uri, mlflow_run_id=run_id)
-
-
-@contextmanager
-def local_copy(config: ConvertConfig) -> Iterator[Path]:
-    """The published model as a local directory, which MLflow logs from: the output itself when local."""
-    fs, path = filesystem(config.output, config.storage_options(config.output))
-    if is_local(fs):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in (exported.CONFIG, exported.WEIGHTS):
-            fs.get(join(path, name), str(Path(scratch) / name))
-        yield Path(scratch)
 
 
 def import_checkpoint(config: ConvertConfig) -> tuple[str, int, ModelConfig, int]:

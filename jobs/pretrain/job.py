@@ -26,7 +26,7 @@ from jobs.common.config import ConfigError, config_hash, config_to_dict, config_
 from jobs.common.dataset import check_compatible, load_manifest, read_eval_rows, split_paths
 from jobs.common.ray_session import ensure_ray, is_verbose
 from jobs.common.registry import log_gengram_model
-from jobs.common.storage import absolute, exists, join, pyarrow_filesystem
+from jobs.common.storage import absolute, exists, join, local_directory, pyarrow_filesystem
 from jobs.pretrain.config import PretrainConfig, deepspeed_config, validate
 from jobs.pretrain.metrics import unigram_entropy
 from jobs.pretrain.worker import FINAL_MODEL_DIR, rank_slice, train_worker
@@ -39,7 +39,6 @@ class PretrainResult:
     tracking_uri: str
     checkpoint_path: str
     model_path: str  # the final model on the run's storage (local path or bucket key)
-    model_dir: Path  # a local copy of it
     metrics: dict
 
 
@@ -168,12 +167,12 @@ def run(config: PretrainConfig, parent_run_id: str | None = None, train_callback
         result = trainer.fit()
         if result.error:
             raise result.error
-        model_path, model_dir = finalize(client, run_id, config, model_config, result)
+        model_path = finalize(client, run_id, config, model_config, result)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return PretrainResult(run_id, tracking_uri, result.checkpoint.path, model_path, model_dir,
+    return PretrainResult(run_id, tracking_uri, result.checkpoint.path, model_path,
                           {**(result.metrics or {}), "val_unigram_entropy": floor})
 
 
@@ -182,20 +181,17 @@ def copy_directory(source: str, source_fs, destination: str, destination_fs) -> 
     pyarrow.fs.copy_files(source, destination, source_filesystem=source_fs, destination_filesystem=destination_fs)
 
 
-def finalize(client, run_id: str, config: PretrainConfig, model_config: ModelConfig, result) -> tuple[str, Path]:
+def finalize(client, run_id: str, config: PretrainConfig, model_config: ModelConfig, result) -> str:
     """Copy the final model out of the last checkpoint (only that folder, not the optimizer
     shards) and log config, plots and the model to MLflow."""
     checkpoint, fs = result.checkpoint, result.checkpoint.filesystem
     # Next to the run's checkpoints, on the same storage, where `model.init_from` finds it.
     final_path = f"{checkpoint.path.rsplit('/', 1)[0]}/{FINAL_MODEL_DIR}"
     copy_directory(f"{checkpoint.path}/{FINAL_MODEL_DIR}", fs, final_path, fs)
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        model_dir = Path(final_path)
-    else:  # MLflow logs from local files
-        model_dir = Path(tempfile.mkdtemp(prefix="gengram-final-")) / FINAL_MODEL_DIR
-        copy_directory(final_path, fs, str(model_dir), pyarrow.fs.LocalFileSystem())
 
-    with tempfile.TemporaryDirectory() as scratch:
+    final_url = final_model_url(config)  # final_path as a URL
+    with local_directory(final_url, config.storage_options(final_url)) as model_dir, \
+            tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "config.yaml").write_text(config_to_yaml(tracking.redact(config_to_dict(config))))
         (scratch / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(config), indent=2))
@@ -212,11 +208,11 @@ def finalize(client, run_id: str, config: PretrainConfig, model_config: ModelCon
         for plot in figures:
             if plot is not None:
                 client.log_artifact(run_id, str(plot), artifact_path="plots")
-    client.log_artifacts(run_id, str(model_dir), artifact_path=FINAL_MODEL_DIR)
-    log_gengram_model(client.tracking_uri, run_id, model_dir, config.tracking.registered_model)
+        client.log_artifacts(run_id, str(model_dir), artifact_path=FINAL_MODEL_DIR)
+        log_gengram_model(client.tracking_uri, run_id, model_dir, config.tracking.registered_model)
     client.set_tag(run_id, "checkpoint.path", checkpoint.path)
     client.set_tag(run_id, "final_model.path", final_path)
-    return final_path, model_dir
+    return final_path
 
 
 def summary(result: PretrainResult) -> str:
