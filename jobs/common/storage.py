@@ -179,7 +179,8 @@ def local_directory(url: str, options: Mapping[str, Any] | None = None) -> Itera
         return
     with tempfile.TemporaryDirectory(prefix="gengram-") as scratch:
         for file_url in list_files(url, options):
-            fs.get(filesystem(file_url, options)[1], str(Path(scratch) / posixpath.basename(file_url)))
+            name = posixpath.basename(file_url)
+            fs.get(join(path, name), str(Path(scratch) / name))
         yield Path(scratch)
 
 

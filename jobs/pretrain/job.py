@@ -186,11 +186,12 @@ def finalize(client, run_id: str, config: PretrainConfig, model_config: ModelCon
     shards) and log config, plots and the model to MLflow."""
     checkpoint, fs = result.checkpoint, result.checkpoint.filesystem
     # Next to the run's checkpoints, on the same storage, where `model.init_from` finds it.
-    final_path = f"{checkpoint.path.rsplit('/', 1)[0]}/{FINAL_MODEL_DIR}"
+    final_url = final_model_url(config)
+    final_options = config.storage_options(final_url)
+    final_path, _ = pyarrow_filesystem(final_url, final_options)  # as the checkpoint's filesystem names it
     copy_directory(f"{checkpoint.path}/{FINAL_MODEL_DIR}", fs, final_path, fs)
 
-    final_url = final_model_url(config)  # final_path as a URL
-    with local_directory(final_url, config.storage_options(final_url)) as model_dir, \
+    with local_directory(final_url, final_options) as model_dir, \
             tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "config.yaml").write_text(config_to_yaml(tracking.redact(config_to_dict(config))))

@@ -160,10 +160,14 @@ NAMED_STRUCTURES = {"iid": IID, "quickstart": QUICKSTART_STRUCTURE}
 
 def named_structure(value):
     """A structure a config names, as its Structure; anything else as it is (for pydantic to validate)."""
-    if isinstance(value, str) and value not in NAMED_STRUCTURES:
+    if not isinstance(value, str):
+        return value
+    if value not in NAMED_STRUCTURES:
         raise ValueError(f"structure: no structure is named {value!r}; name one of {sorted(NAMED_STRUCTURES)} "
                          "or give its fields")
-    return NAMED_STRUCTURES.get(value, value) if isinstance(value, str) else value
+    return NAMED_STRUCTURES[value]
+
+
 QUICKSTART = (
     Recipe(name="generated-primate-a", contigs=(120_000, 60_000, 20_000), seed=1, structure=QUICKSTART_STRUCTURE),
     Recipe(name="generated-primate-b", contigs=(90_000, 40_000), seed=2, structure=QUICKSTART_STRUCTURE,
